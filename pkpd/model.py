@@ -1,0 +1,577 @@
+"""Model files: one TOML document per model, parsed into an immutable :class:`Model`.
+
+A model file is the single source of truth for a model: parameters (typical value, unit,
+between-subject variability, source), covariates (dataset columns), compartments, ODEs and
+outputs written as text that sympy parses, and the NONMEM PK-record bindings (``ALAGn``,
+``Fn``, ``Rn``, ``Dn``). Simulation and likelihood code are derived from it. The format is
+specified in ``models/README.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import sympy as sp
+from sympy.parsing.sympy_parser import (
+    auto_number,
+    convert_xor,
+    factorial_notation,
+    parse_expr,
+)
+
+__all__ = [
+    "Compartment",
+    "Covariate",
+    "LinearForm",
+    "Model",
+    "ModelError",
+    "Output",
+    "Parameter",
+    "load_model",
+    "MODELS_DIR",
+]
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+SECTIONS = (
+    "model", "parameters", "covariates", "individual", "compartments", "derived", "odes",
+    "dosing", "outputs",
+)
+TIME = sp.Symbol("t", real=True)
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_DOSING_KEY = re.compile(r"^(ALAG|F|R|D)(\d+)$")
+_FUNCTIONS: dict[str, object] = {
+    "exp": sp.exp, "EXP": sp.exp, "log": sp.log, "LOG": sp.log, "sqrt": sp.sqrt,
+    "SQRT": sp.sqrt, "Max": sp.Max, "Min": sp.Min, "max": sp.Max, "min": sp.Min,
+    "abs": sp.Abs, "ABS": sp.Abs, "Piecewise": sp.Piecewise, "Heaviside": sp.Heaviside,
+    "tanh": sp.tanh, "pi": sp.pi, "log10": lambda x: sp.log(x, 10), "LOG10": lambda x: sp.log(x, 10),
+}
+_RESERVED = {"t"} | set(_FUNCTIONS)
+
+
+class ModelError(ValueError):
+    """A model file is malformed; the message names the file, line, section and key."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A population parameter (NONMEM THETA) with its between-subject variability.
+
+    ``omega2`` is the variance of the log-normal random effect η (individual value =
+    typical value × exp(η)); 0 means no IIV.
+    """
+
+    name: str
+    value: float
+    unit: str
+    omega2: float = 0.0
+    source: str = ""
+    description: str = ""
+    fixed: bool = False
+    lower: float | None = None
+    upper: float | None = None
+    assumption: bool = False
+
+    @property
+    def cv_percent(self) -> float:
+        """IIV as CV % = 100·sqrt(exp(ω²) − 1)."""
+        return 100.0 * math.sqrt(math.expm1(self.omega2))
+
+
+@dataclass(frozen=True)
+class Covariate:
+    """A dataset column the model reads (per record); ``default`` fills an absent column."""
+
+    name: str
+    unit: str = ""
+    default: float | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Compartment:
+    """A state of the ODE system; ``cmt`` is its NONMEM CMT number (1-based)."""
+
+    name: str
+    cmt: int
+    unit: str = ""
+    description: str = ""
+    init: sp.Expr = sp.Integer(0)
+
+
+@dataclass(frozen=True)
+class Output:
+    """A named model output (algebraic function of states, parameters and covariates)."""
+
+    name: str
+    expr: sp.Expr
+    unit: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class LinearForm:
+    """dx/dt = A·x + c with A and c free of states and time (a linear time-invariant system)."""
+
+    A: sp.Matrix
+    c: sp.Matrix
+    blocks: tuple[tuple[int, ...], ...]  # strongly connected components, in topological order
+
+    @property
+    def closed_form(self) -> bool:
+        """True when every block has ≤ 3 states: eigenvalues then have closed forms."""
+        return all(len(b) <= 3 for b in self.blocks)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A parsed model file. Expressions in ``odes``, ``outputs``, ``dosing`` and ``init`` use
+    individual parameter values (with covariate model and IIV applied), covariates and states;
+    ``[derived]`` statements are already substituted in."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Parameter]
+    covariates: Mapping[str, Covariate]
+    individual: Mapping[str, sp.Expr]  # covariate model: typical value for the individual
+    compartments: tuple[Compartment, ...]
+    odes: Mapping[str, sp.Expr]
+    dosing: Mapping[str, sp.Expr]  # keys ALAGn, Fn, Rn, Dn
+    outputs: Mapping[str, Output]
+    time_unit: str = "h"
+    amount_unit: str = "mg"
+    source: str = ""
+    path: str = "<memory>"
+    meta: Mapping[str, object] = field(default_factory=dict)
+
+    # -- structure ---------------------------------------------------------------------
+    @property
+    def states(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.compartments)
+
+    @property
+    def n_states(self) -> int:
+        return len(self.compartments)
+
+    @cached_property
+    def state_symbols(self) -> tuple[sp.Symbol, ...]:
+        return tuple(sp.Symbol(s, real=True) for s in self.states)
+
+    @property
+    def cmt_numbers(self) -> dict[int, int]:
+        """NONMEM CMT number → state index (0-based)."""
+        return {c.cmt: i for i, c in enumerate(self.compartments)}
+
+    @property
+    def default_dose_cmt(self) -> int:
+        """CMT number that doses go to when CMT is 0 or absent (the first compartment)."""
+        flagged = [c.cmt for c in self.compartments if self.meta.get("dose_cmt") == c.name]
+        return flagged[0] if flagged else self.compartments[0].cmt
+
+    @property
+    def modeled_rate_cmts(self) -> set[int]:
+        return {int(k[1:]) for k in self.dosing if k.startswith("R")}
+
+    @property
+    def modeled_duration_cmts(self) -> set[int]:
+        return {int(k[1:]) for k in self.dosing if k.startswith("D")}
+
+    @property
+    def theta(self) -> dict[str, float]:
+        """Typical values (THETA) by name."""
+        return {k: p.value for k, p in self.parameters.items()}
+
+    @cached_property
+    def linear(self) -> LinearForm | None:
+        """The LTI form of the ODE system, or None when it is nonlinear or time-varying."""
+        x = sp.Matrix(self.state_symbols)
+        f = sp.Matrix([self.odes[s] for s in self.states])
+        jac = f.jacobian(x)
+        state_set = set(self.state_symbols) | {TIME}
+        if any(e.free_symbols & state_set for e in jac):
+            return None
+        c = f.subs({s: 0 for s in self.state_symbols})
+        if any(TIME in e.free_symbols for e in c):
+            return None
+        n = len(self.states)
+        adj = [[j for j in range(n) if jac[i, j] != 0 and i != j] for i in range(n)]
+        return LinearForm(A=jac, c=c, blocks=_scc_topological(adj))
+
+    # -- numerics ----------------------------------------------------------------------
+    @cached_property
+    def _parameter_symbols(self) -> tuple[sp.Symbol, ...]:
+        return tuple(sp.Symbol(p, real=True) for p in self.parameters)
+
+    @cached_property
+    def _covariate_symbols(self) -> tuple[sp.Symbol, ...]:
+        return tuple(sp.Symbol(c, real=True) for c in self.covariates)
+
+    def compile(self, expr: sp.Expr, *, states: bool = False, time: bool = False) -> Callable:
+        """numpy function of (params dict, covariates dict[, states (…, n)][, t])."""
+        args = list(self._parameter_symbols) + list(self._covariate_symbols)
+        if states:
+            args += list(self.state_symbols)
+        if time:
+            args.append(TIME)
+        fn = sp.lambdify(args, expr, modules="numpy", cse=True)
+        pnames, cnames = list(self.parameters), list(self.covariates)
+        is_matrix = isinstance(expr, sp.MatrixBase)
+
+        def evaluate(params, covs, x=None, t=None):
+            vals = [params[k] for k in pnames] + [covs[k] for k in cnames]
+            if states:
+                vals += [x[..., i] for i in range(self.n_states)]
+            if time:
+                vals.append(t)
+            if is_matrix:
+                return np.asarray(fn(*vals), dtype=float)
+            shape = np.broadcast_shapes(*(np.shape(v) for v in vals)) if vals else ()
+            return np.broadcast_to(np.asarray(fn(*vals), dtype=float), shape)
+
+        return evaluate
+
+    def typical_individual(self, theta: Mapping[str, float], covs: Mapping[str, np.ndarray]
+                           ) -> dict[str, np.ndarray]:
+        """Covariate model: each parameter's typical value for individuals with ``covs``."""
+        out = {}
+        for name in self.parameters:
+            if name in self.individual:
+                out[name] = self._individual_fns[name](theta, covs)
+            else:
+                shape = np.broadcast_shapes(*(np.shape(v) for v in covs.values())) if covs else ()
+                out[name] = np.broadcast_to(np.asarray(theta[name], dtype=float), shape)
+        return out
+
+    @cached_property
+    def _individual_fns(self) -> dict[str, Callable]:
+        return {k: self.compile(e) for k, e in self.individual.items()}
+
+    def with_values(self, **values: float) -> Model:
+        """A copy with some typical values replaced (``--set NAME=VALUE``)."""
+        params = dict(self.parameters)
+        for k, v in values.items():
+            if k not in params:
+                raise ModelError(f"{self.path}: unknown parameter {k!r} (model has "
+                                 f"{', '.join(params)})")
+            p = params[k]
+            params[k] = Parameter(**{**p.__dict__, "value": float(v)})
+        return replace(self, parameters=params)
+
+    def __hash__(self) -> int:  # cached_property needs instances usable as keys elsewhere
+        return id(self)
+
+
+def _scc_topological(adj: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+    """Strongly connected components of a graph (i depends on j when adj[i] has j).
+
+    Tarjan's algorithm; returns components so that a block only depends on earlier ones.
+    """
+    n = len(adj)
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    stack: list[int] = []
+    on: set[int] = set()
+    out: list[tuple[int, ...]] = []
+    counter = [0]
+
+    def visit(v: int) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in adj[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            out.append(tuple(sorted(comp)))
+
+    for v in range(n):
+        if v not in index:
+            visit(v)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------
+# parsing
+# ---------------------------------------------------------------------------------------
+class _Source:
+    """The file text, to point error messages at the line that holds a key."""
+
+    def __init__(self, path: str, text: str):
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line_of(self, section: str, key: str | None = None) -> int | None:
+        current = None
+        for i, raw in enumerate(self.lines, 1):
+            line = raw.split("#", 1)[0].strip()
+            m = re.match(r"^\[\s*([A-Za-z_.]+)\s*\]$", line)
+            if m:
+                current = m.group(1)
+                if key is None and current == section:
+                    return i
+                continue
+            if key is not None and current == section and re.match(
+                rf"^\"?{re.escape(key)}\"?\s*=", line
+            ):
+                return i
+            if key is not None and current == f"{section}.{key}":
+                return i
+        return None
+
+    def error(self, section: str, key: str | None, message: str) -> ModelError:
+        line = self.line_of(section, key)
+        where = f"{self.path}, line {line}" if line else self.path
+        what = f"[{section}]" + (f" {key}" if key else "")
+        return ModelError(f"{where}, {what}: {message}")
+
+
+def load_model(path_or_name: str | Path) -> Model:
+    """Load a model file: a path, or the name of a model shipped under ``models/``."""
+    path = _resolve(path_or_name)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read model file ({exc.strerror})") from None
+    return parse_model(text, str(path))
+
+
+def _resolve(path_or_name: str | Path) -> Path:
+    p = Path(path_or_name)
+    candidates = [p, p.with_suffix(".toml"), MODELS_DIR / p.name, MODELS_DIR / f"{p.name}.toml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    available = sorted(f.stem for f in MODELS_DIR.glob("*.toml"))
+    raise ModelError(f"{path_or_name}: no such model file (models shipped: "
+                     f"{', '.join(available)})")
+
+
+def parse_model(text: str, path: str = "<memory>") -> Model:
+    """Parse model-file text (TOML) into a :class:`Model`; errors name file, line and key."""
+    src = _Source(path, text)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelError(f"{path}: not valid TOML: {exc}") from None
+    for section in doc:
+        if section not in SECTIONS:
+            raise src.error(section, None, f"unknown section (expected one of "
+                            f"{', '.join(SECTIONS)})")
+    for section in ("model", "parameters", "compartments", "odes", "outputs"):
+        if section not in doc:
+            raise ModelError(f"{path}: missing section [{section}]")
+    head = doc["model"]
+    if not isinstance(head.get("name"), str):
+        raise src.error("model", "name", "expected a string name")
+
+    # names ---------------------------------------------------------------------------
+    seen: dict[str, str] = {}
+
+    def declare(section: str, name: str) -> None:
+        if not _NAME.match(name):
+            raise src.error(section, name, "names must start with a letter and hold only "
+                            "letters, digits and _")
+        if name in _RESERVED:
+            raise src.error(section, name, f"{name!r} is reserved (time or a function)")
+        if name in seen:
+            raise src.error(section, name, f"name already declared in [{seen[name]}]")
+        seen[name] = section
+
+    params: dict[str, Parameter] = {}
+    for name, spec in doc["parameters"].items():
+        declare("parameters", name)
+        params[name] = _parameter(src, name, spec)
+    covs: dict[str, Covariate] = {}
+    for name, spec in doc.get("covariates", {}).items():
+        declare("covariates", name.upper())
+        if not isinstance(spec, dict):
+            spec = {"description": str(spec)}
+        default = spec.get("default")
+        if default is not None and not isinstance(default, int | float):
+            raise src.error("covariates", name, f"default must be a number, got {default!r}")
+        covs[name.upper()] = Covariate(name.upper(), str(spec.get("unit", "")),
+                                       None if default is None else float(default),
+                                       str(spec.get("description", "")))
+    cmts: list[tuple[str, dict]] = []
+    for i, (name, spec) in enumerate(doc["compartments"].items(), 1):
+        declare("compartments", name)
+        if isinstance(spec, str):
+            spec = {"description": spec}
+        if not isinstance(spec, dict):
+            raise src.error("compartments", name, "expected a table or a description string")
+        cmt = spec.get("cmt", i)
+        if not isinstance(cmt, int) or cmt < 1:
+            raise src.error("compartments", name, f"cmt must be a positive integer, got {cmt!r}")
+        cmts.append((name, {**spec, "cmt": cmt}))
+    numbers = [s["cmt"] for _, s in cmts]
+    if len(set(numbers)) != len(numbers):
+        dup = next(n for n in numbers if numbers.count(n) > 1)
+        name = next(nm for nm, s in cmts if s["cmt"] == dup)
+        raise src.error("compartments", name, f"cmt {dup} is used twice")
+    if not cmts:
+        raise src.error("compartments", None, "at least one compartment is needed")
+
+    psym = {k: sp.Symbol(k, real=True) for k in params}
+    csym = {k: sp.Symbol(k, real=True) for k in covs}
+    ssym = {k: sp.Symbol(k, real=True) for k, _ in cmts}
+
+    def parse(section: str, key: str, text_: object, allowed: dict[str, sp.Symbol],
+              what: str) -> sp.Expr:
+        if isinstance(text_, int | float) and not isinstance(text_, bool):
+            return sp.Float(text_) if isinstance(text_, float) else sp.Integer(text_)
+        if not isinstance(text_, str) or not text_.strip():
+            raise src.error(section, key, f"expected an equation as a string, got {text_!r}")
+        local = {**_FUNCTIONS, **allowed, "t": TIME}
+        try:
+            expr = parse_expr(text_, local_dict=local,
+                              transformations=(auto_number, factorial_notation, convert_xor),
+                              evaluate=True)
+        except Exception as exc:  # sympy raises many types for bad syntax
+            raise src.error(section, key, f"cannot parse {text_!r} ({type(exc).__name__}: "
+                            f"{exc})") from None
+        if not isinstance(expr, sp.Expr):
+            raise src.error(section, key, f"{text_!r} is not an expression")
+        known = set(allowed.values()) | {TIME}
+        unknown = sorted(str(s) for s in expr.free_symbols - known)
+        if unknown:
+            raise src.error(section, key, f"unknown symbol {unknown[0]!r} in {text_!r} "
+                            f"(allowed here: {what})")
+        if expr.has(sp.I, sp.zoo, sp.nan, sp.oo):
+            raise src.error(section, key, f"{text_!r} is not a finite real expression")
+        return expr
+
+    # covariate model ---------------------------------------------------------------------
+    individual: dict[str, sp.Expr] = {}
+    for name, text_ in doc.get("individual", {}).items():
+        if name not in params:
+            raise src.error("individual", name, "left-hand side must be a parameter declared "
+                            "in [parameters]")
+        individual[name] = parse("individual", name, text_, {**psym, **csym},
+                                 "parameters (typical values) and covariates")
+
+    # derived statements, substituted in order ------------------------------------------
+    derived: dict[sp.Symbol, sp.Expr] = {}
+    for name, text_ in doc.get("derived", {}).items():
+        declare("derived", name)
+        expr = parse("derived", name, text_, {**psym, **csym,
+                     **{str(k): k for k in derived}}, "parameters, covariates, earlier derived")
+        derived[sp.Symbol(name, real=True)] = expr.subs(derived)
+    dsym = {str(k): k for k in derived}
+    scope = {**psym, **csym, **dsym}
+
+    def subs(e: sp.Expr) -> sp.Expr:
+        return e.subs(derived) if derived else e
+
+    compartments = []
+    for name, spec in cmts:
+        init = subs(parse("compartments", name, spec.get("init", 0), scope,
+                          "parameters, covariates, derived"))
+        extra = set(spec) - {"cmt", "unit", "description", "init", "dose"}
+        if extra:
+            raise src.error("compartments", name, f"unknown field {sorted(extra)[0]!r} "
+                            "(expected cmt, unit, description, init, dose)")
+        compartments.append(Compartment(name, spec["cmt"], str(spec.get("unit", "")),
+                                        str(spec.get("description", "")), init))
+    dose_flags = [n for n, s in cmts if s.get("dose")]
+    if len(dose_flags) > 1:
+        raise src.error("compartments", dose_flags[1], "only one compartment can be the "
+                        "default dose compartment (dose = true)")
+
+    odes: dict[str, sp.Expr] = {}
+    for name, text_ in doc["odes"].items():
+        if name not in ssym:
+            raise src.error("odes", name, "no such compartment (declare it in [compartments])")
+        odes[name] = subs(parse("odes", name, text_, {**scope, **ssym},
+                                "states, parameters, covariates, derived, t"))
+    missing = [n for n, _ in cmts if n not in odes]
+    if missing:
+        raise src.error("compartments", missing[0], "has no equation in [odes]")
+
+    cmt_numbers = {s["cmt"] for _, s in cmts}
+    dosing: dict[str, sp.Expr] = {}
+    for key, text_ in doc.get("dosing", {}).items():
+        m = _DOSING_KEY.match(key)
+        if not m:
+            raise src.error("dosing", key, "expected ALAGn, Fn, Rn or Dn with n a CMT number")
+        if int(m.group(2)) not in cmt_numbers:
+            raise src.error("dosing", key, f"no compartment has cmt {m.group(2)}")
+        dosing[key] = subs(parse("dosing", key, text_, scope, "parameters, covariates, derived"))
+
+    outputs: dict[str, Output] = {}
+    for name, spec in doc["outputs"].items():
+        declare("outputs", name)
+        if isinstance(spec, str):
+            spec = {"expr": spec}
+        if not isinstance(spec, dict) or "expr" not in spec:
+            raise src.error("outputs", name, "expected a table with expr (and unit)")
+        expr = subs(parse("outputs", name, spec["expr"], {**scope, **ssym},
+                          "states, parameters, covariates, derived, t"))
+        outputs[name] = Output(name, expr, str(spec.get("unit", "")),
+                               str(spec.get("description", "")))
+    if not outputs:
+        raise src.error("outputs", None, "at least one output is needed")
+
+    meta = {k: v for k, v in head.items() if k not in {"name", "description", "time_unit",
+                                                        "amount_unit", "source"}}
+    if dose_flags:
+        meta["dose_cmt"] = dose_flags[0]
+    return Model(
+        name=head["name"], description=str(head.get("description", "")),
+        parameters=params, covariates=covs, individual=individual,
+        compartments=tuple(compartments), odes=odes, dosing=dosing, outputs=outputs,
+        time_unit=str(head.get("time_unit", "h")), amount_unit=str(head.get("amount_unit", "mg")),
+        source=str(head.get("source", "")), path=path, meta=meta,
+    )
+
+
+def _parameter(src: _Source, name: str, spec: object) -> Parameter:
+    if isinstance(spec, int | float) and not isinstance(spec, bool):
+        raise src.error("parameters", name, "expected a table { value = ..., unit = ... }")
+    if not isinstance(spec, dict):
+        raise src.error("parameters", name, "expected a table { value = ..., unit = ... }")
+    allowed = {"value", "unit", "omega2", "iiv_cv", "source", "description", "fixed", "lower",
+               "upper", "assumption"}
+    extra = set(spec) - allowed
+    if extra:
+        raise src.error("parameters", name, f"unknown field {sorted(extra)[0]!r} (expected "
+                        f"{', '.join(sorted(allowed))})")
+    value = spec.get("value")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise src.error("parameters", name, f"value must be a finite number, got {value!r}")
+    if "unit" not in spec:
+        raise src.error("parameters", name, "unit is required (use \"-\" for dimensionless)")
+    if "omega2" in spec and "iiv_cv" in spec:
+        raise src.error("parameters", name, "give omega2 or iiv_cv, not both")
+    omega2 = spec.get("omega2", 0.0)
+    if "iiv_cv" in spec:
+        cv = spec["iiv_cv"]
+        if not isinstance(cv, int | float) or cv < 0:
+            raise src.error("parameters", name, f"iiv_cv must be a percentage >= 0, got {cv!r}")
+        omega2 = math.log1p((cv / 100.0) ** 2)
+    if isinstance(omega2, bool) or not isinstance(omega2, int | float) or omega2 < 0:
+        raise src.error("parameters", name, f"omega2 must be a variance >= 0, got {omega2!r}")
+    lower, upper = spec.get("lower"), spec.get("upper")
+    if lower is not None and upper is not None and not lower <= value <= upper:
+        raise src.error("parameters", name, f"value {value} outside [lower, upper] = "
+                        f"[{lower}, {upper}]")
+    return Parameter(name, float(value), str(spec["unit"]), float(omega2),
+                     str(spec.get("source", "")), str(spec.get("description", "")),
+                     bool(spec.get("fixed", False)), lower, upper,
+                     bool(spec.get("assumption", False)))

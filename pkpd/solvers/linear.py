@@ -1,0 +1,192 @@
+"""Exact propagators for linear time-invariant compartment systems dx/dt = A·x + r.
+
+Two propagators share one interface, vectorised over subjects (leading axis):
+
+* :class:`Spectral` — the closed form. Eigenvalues come from closed formulas per strongly
+  connected block of A (1×1, quadratic for 2×2, trigonometric cubic for 3×3: the standard
+  1-, 2- and 3-compartment solutions with or without a depot), and
+  e^{A·t} = Σ_i e^{λ_i t} P_i with the Frobenius covariants P_i = Π_{j≠i}(A − λ_j I)/(λ_i − λ_j)
+  (Sylvester's formula). This is the polyexponential solution of NONMEM's ADVAN1-4/11/12.
+* :class:`Expm` — the matrix exponential (scipy) for any other linear system, including
+  defective ones (equal transit rates).
+
+The kernels ``block_eigenvalues``, ``covariants``, ``phi`` take the array module ``xp`` (numpy
+here, ``pytensor.tensor`` for the likelihood), so simulation and likelihood share them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.linalg
+
+__all__ = ["Expm", "Spectral", "block_eigenvalues", "covariants", "phi", "make_propagator"]
+
+
+def block_eigenvalues(A, blocks: Sequence[Sequence[int]], xp=np):
+    """Eigenvalues of A (…, n, n), one per state, ordered as the states of ``blocks``.
+
+    A is block-triangular in the order of ``blocks`` (strongly connected components), so its
+    eigenvalues are those of the diagonal blocks, each of size ≤ 3 (closed forms).
+    """
+    lam = [None] * sum(len(b) for b in blocks)
+    for b in blocks:
+        if len(b) == 1:
+            (i,) = b
+            lam[i] = A[..., i, i]
+        elif len(b) == 2:
+            i, j = b
+            a, bb, c, d = A[..., i, i], A[..., i, j], A[..., j, i], A[..., j, j]
+            half_tr = 0.5 * (a + d)
+            root = xp.sqrt(0.25 * (a - d) ** 2 + bb * c)
+            # the numerically stable pair: the smaller root from the product of roots
+            big = half_tr - root  # most negative
+            det = a * d - bb * c
+            lam[i], lam[j] = big, det / big
+        elif len(b) == 3:
+            i, j, k = b
+            B = [[A[..., p, q] for q in b] for p in b]
+            tr = B[0][0] + B[1][1] + B[2][2]
+            minors = (B[0][0] * B[1][1] - B[0][1] * B[1][0] + B[0][0] * B[2][2]
+                      - B[0][2] * B[2][0] + B[1][1] * B[2][2] - B[1][2] * B[2][1])
+            det = (B[0][0] * (B[1][1] * B[2][2] - B[1][2] * B[2][1])
+                   - B[0][1] * (B[1][0] * B[2][2] - B[1][2] * B[2][0])
+                   + B[0][2] * (B[1][0] * B[2][1] - B[1][1] * B[2][0]))
+            # λ³ + a2 λ² + a1 λ + a0 = 0 with a2 = −tr, a1 = minors, a0 = −det
+            a2, a1, a0 = -tr, minors, -det
+            q = (a2 * a2 - 3.0 * a1) / 9.0
+            r = (2.0 * a2 ** 3 - 9.0 * a2 * a1 + 27.0 * a0) / 54.0
+            sq = xp.sqrt(xp.maximum(q, 1e-300))
+            cos_arg = xp.clip(r / (sq * sq * sq), -1.0, 1.0)
+            theta = xp.arccos(cos_arg)
+            two_pi_3 = 2.0 * np.pi / 3.0
+            lam[i] = -2.0 * sq * xp.cos(theta / 3.0) - a2 / 3.0
+            lam[j] = -2.0 * sq * xp.cos((theta + two_pi_3) / 3.0) - a2 / 3.0
+            lam[k] = -2.0 * sq * xp.cos((theta - two_pi_3) / 3.0) - a2 / 3.0
+        else:
+            raise ValueError(f"block of {len(b)} states has no closed-form eigenvalues")
+    return xp.stack(lam, axis=-1)
+
+
+def covariants(A, lam, xp=np):
+    """Frobenius covariants P (…, n, n, n): P[..., i, :, :] = Π_{j≠i}(A − λ_j I)/(λ_i − λ_j)."""
+    n = A.shape[-1]
+    eye = xp.eye(n)
+    out = []
+    for i in range(n):
+        P = None
+        for j in range(n):
+            if j == i:
+                continue
+            factor = (A - lam[..., j, None, None] * eye) / (lam[..., i] - lam[..., j])[..., None,
+                                                                                       None]
+            P = factor if P is None else P @ factor
+        out.append(eye + 0.0 * A if P is None else P)
+    return xp.stack(out, axis=-3)
+
+
+def phi(lam, dt, xp=np):
+    """∫_0^dt e^{λ s} ds = expm1(λ·dt)/λ, equal to dt at λ = 0."""
+    z = lam * dt
+    safe = xp.where(xp.abs(lam) > 0, lam, 1.0)
+    return xp.where(xp.abs(z) > 1e-12, xp.expm1(z) / safe, dt * (1.0 + 0.5 * z))
+
+
+class Spectral:
+    """Closed-form propagator (numpy). ``A`` has shape (S, n, n)."""
+
+    method = "closed-form"
+
+    def __init__(self, A: np.ndarray, blocks: Sequence[Sequence[int]]):
+        self.A = A
+        self.lam = block_eigenvalues(A, blocks)
+        self.P = covariants(A, self.lam)
+
+    @staticmethod
+    def well_conditioned(A: np.ndarray, blocks: Sequence[Sequence[int]]) -> bool:
+        """False when eigenvalues are complex, repeated or nearly so (use :class:`Expm`)."""
+        with np.errstate(all="ignore"):
+            lam = block_eigenvalues(A, blocks)
+            if not np.all(np.isfinite(lam)):
+                return False
+            # complex pairs appear as clipped arccos/negative discriminants: check residual
+            n = A.shape[-1]
+            scale = np.maximum(np.abs(lam).max(axis=-1), 1e-300)
+            gaps = np.abs(lam[:, :, None] - lam[:, None, :]) + np.eye(n) * scale[:, None, None]
+            if np.any(gaps.min(axis=(1, 2)) < 1e-6 * scale):
+                return False
+            P = covariants(A, lam)
+            recon = np.einsum("si,siab->sab", lam, P)
+            err = np.abs(recon - A).max(axis=(1, 2)) / np.maximum(np.abs(A).max(axis=(1, 2)),
+                                                                  1e-300)
+            return bool(np.all(err < 1e-9))
+
+    def transition(self, dt: np.ndarray, sidx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """e^{A·dt} and ∫_0^dt e^{A s} ds for subjects ``sidx`` (each (k, n, n))."""
+        lam = self.lam[sidx]
+        P = self.P[sidx]
+        E = np.exp(lam * dt[:, None])
+        F = phi(lam, dt[:, None])
+        return np.einsum("ki,kiab->kab", E, P), np.einsum("ki,kiab->kab", F, P)
+
+    def geometric(self, tau: np.ndarray, sidx: np.ndarray) -> np.ndarray:
+        """Σ_{k≥0} e^{A·k·τ} = (I − e^{A·τ})^{-1}."""
+        w = -1.0 / np.expm1(self.lam[sidx] * tau[:, None])
+        return np.einsum("ki,kiab->kab", w, self.P[sidx])
+
+    def neg_inverse(self, sidx: np.ndarray) -> np.ndarray:
+        """−A^{-1} = ∫_0^∞ e^{A s} ds (steady state of a constant input)."""
+        return np.einsum("ki,kiab->kab", -1.0 / self.lam[sidx], self.P[sidx])
+
+    def modal(self, x: np.ndarray) -> np.ndarray:
+        """Modal components P_i·x for every subject: (S, …, n) → (S, …, n_modes, n)."""
+        return np.einsum("siab,s...b->s...ia", self.P, x)
+
+    def observe(self, y: np.ndarray, yr: np.ndarray | None, sidx: np.ndarray,
+                dt: np.ndarray) -> np.ndarray:
+        """Amounts after dt from modal components y (k, n, n) (and modal rates yr)."""
+        lam = self.lam[sidx]
+        x = np.einsum("ki,kia->ka", np.exp(lam * dt[:, None]), y)
+        if yr is not None:
+            x += np.einsum("ki,kia->ka", phi(lam, dt[:, None]), yr)
+        return x
+
+
+class Expm:
+    """Matrix-exponential propagator for any linear system (numpy/scipy)."""
+
+    method = "matrix-exponential"
+
+    def __init__(self, A: np.ndarray):
+        self.A = A
+        self.n = A.shape[-1]
+
+    def transition(self, dt: np.ndarray, sidx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = self.n
+        k = len(sidx)
+        aug = np.zeros((k, 2 * n, 2 * n))
+        aug[:, :n, :n] = self.A[sidx] * dt[:, None, None]
+        aug[:, :n, n:] = np.eye(n) * dt[:, None, None]
+        E = scipy.linalg.expm(aug) if k else aug
+        return E[:, :n, :n], E[:, :n, n:]
+
+    def geometric(self, tau: np.ndarray, sidx: np.ndarray) -> np.ndarray:
+        M, _ = self.transition(tau, sidx)
+        return np.linalg.inv(np.eye(self.n) - M)
+
+    def neg_inverse(self, sidx: np.ndarray) -> np.ndarray:
+        return -np.linalg.inv(self.A[sidx])
+
+
+def make_propagator(A: np.ndarray, blocks: Sequence[Sequence[int]] | None,
+                    method: str = "auto") -> Spectral | Expm:
+    """Closed form when the structure allows it and eigenvalues are real and distinct."""
+    closed = blocks is not None and all(len(b) <= 3 for b in blocks)
+    if method == "expm" or not closed:
+        if method == "closed-form":
+            raise ValueError("closed-form solution needs linear blocks of at most 3 states")
+        return Expm(A)
+    if method == "closed-form" or Spectral.well_conditioned(A, blocks):
+        return Spectral(A, blocks)
+    return Expm(A)
