@@ -213,7 +213,11 @@ class Model:
         return tuple(sp.Symbol(c, real=True) for c in self.covariates)
 
     def compile(self, expr: sp.Expr, *, states: bool = False, time: bool = False) -> Callable:
-        """numpy function of (params dict, covariates dict[, states (…, n)][, t])."""
+        """numpy function of (params dict, covariates dict[, states][, t]).
+
+        ``states`` is state-major: ``x[i]`` holds the values of state i (any shape that
+        broadcasts with the parameters and covariates).
+        """
         args = list(self._parameter_symbols) + list(self._covariate_symbols)
         if states:
             args += list(self.state_symbols)
@@ -226,7 +230,7 @@ class Model:
         def evaluate(params, covs, x=None, t=None):
             vals = [params[k] for k in pnames] + [covs[k] for k in cnames]
             if states:
-                vals += [x[..., i] for i in range(self.n_states)]
+                vals += [x[i] for i in range(self.n_states)]
             if time:
                 vals.append(t)
             if is_matrix:

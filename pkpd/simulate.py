@@ -23,16 +23,17 @@ from .events import (
     SS_CONSTANT,
     SS_INFUSION,
     STEADY,
-    Doses,
     DoseError,
+    Doses,
     EventTable,
     build_events,
 )
-from .model import TIME, Model
-from .solvers.linear import Expm, Spectral, make_propagator
+from .model import Model
+from .regimen import Regimen
+from .solvers.linear import Expm, Spectral, make_propagator, phi
 from .solvers.ode import solve_reference
 
-__all__ = ["simulate", "simulate_records", "Individuals", "individual_parameters",
+__all__ = ["simulate", "simulate_records", "simulate_regimen", "Individuals", "individual_parameters",
            "sample_etas"]
 
 METHODS = ("auto", "closed-form", "expm", "ode")
@@ -90,7 +91,10 @@ def simulate(model: Model, data: Dataset | pd.DataFrame, *, params: Mapping[str,
                                                      eta=eta, method=method)
     except DoseError as exc:
         raise DatasetError(f"{ds.where(exc.record)}: {exc}") from None
-    out = pd.DataFrame({"ID": df["ID"].to_numpy(), "TIME": df["TIME"].to_numpy(),
+    id_col = df["ID"].to_numpy()
+    if np.all(id_col == np.round(id_col)):
+        id_col = id_col.astype(np.int64)
+    out = pd.DataFrame({"ID": id_col, "TIME": df["TIME"].to_numpy(),
                         "EVID": df["EVID"].to_numpy().astype(int)})
     t = df["TIME"].to_numpy(dtype=float)
     for name, o in model.outputs.items():
@@ -101,12 +105,13 @@ def simulate(model: Model, data: Dataset | pd.DataFrame, *, params: Mapping[str,
 def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub: int, *,
                      params: Mapping[str, float] | None = None,
                      eta: Mapping[str, np.ndarray] | None = None, method: str = "auto",
-                     out_time: np.ndarray | None = None, out_subject: np.ndarray | None = None,
+                     grid: np.ndarray | None = None,
                      ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Amounts (n_out, n_states) at every record (or at ``out_time``/``out_subject``).
+    """Amounts, state-major: (n_states, n_records), or (n_states, len(grid), n_sub) at every
+    ``grid`` time of every subject.
 
     ``df`` holds the standard NONMEM columns (upper case, filled) and the model's covariates.
-    Also returns individual parameters and covariates aligned with the outputs.
+    Also returns individual parameters and covariates that broadcast against the outputs.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -139,14 +144,17 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
     events = build_events(doses, n_sub)
 
     # outputs: each sees the last event processed before it ----------------------------------
-    if out_time is None:
+    if grid is None:
         out_time, out_subject = col["TIME"], subject
         out_event = np.searchsorted(events.slot, np.arange(len(subject)), side="right") - 1
         o_par, o_cov = par_rec, cov_rec
-    else:
-        out_event = _last_event_on_grid(events, out_subject, out_time, n_sub)
-        o_par = {k: v[out_subject] for k, v in par_sub.items()}
-        o_cov = {k: v[out_subject] for k, v in cov_sub.items()}
+    else:  # a time grid shared by all subjects
+        grid = np.asarray(grid, dtype=float)
+        last = _last_event_on_grid(events, grid, n_sub)
+        out_event = None  # subject-major copy made only where a generic path needs it
+        out_subject = np.repeat(np.arange(n_sub), len(grid))
+        out_time = np.tile(grid, n_sub)
+        o_par, o_cov = par_sub, cov_sub  # broadcast against (T, n_sub)
 
     x0 = _per_subject(model, [c.init for c in model.compartments], par_sub, cov_sub, n_sub)
     lin = model.linear
@@ -155,12 +163,23 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
         base = _per_subject(model, list(lin.c), par_sub, cov_sub, n_sub)
         prop = make_propagator(A, lin.blocks, method=method)
         X, R = _run_linear(events, prop, x0, base)
-        amounts = _observe(prop, events, X, R, out_subject, out_time, out_event)
+        used = sorted({i for o in model.outputs.values() for i, x in
+                       enumerate(model.state_symbols) if x in o.expr.free_symbols})
+        if grid is not None and isinstance(prop, Spectral):
+            amounts = _observe_grid(prop, events, X, R, grid, last, used)
+        else:
+            if out_event is None:
+                out_event = last.T.reshape(-1)
+            amounts = _observe(prop, events, X, R, out_subject, out_time, out_event, used).T
     else:
         if method in ("closed-form", "expm"):
             raise ValueError(f"{model.name}: {method} needs a linear time-invariant model")
+        if out_event is None:
+            out_event = last.T.reshape(-1)
         amounts = solve_reference(_rhs(model, par_sub, cov_sub), events, x0, out_subject,
-                                  out_time, out_event)
+                                  out_time, out_event).T
+    if grid is not None and amounts.ndim == 2:  # (n, n_sub·T) subject-major → (n, T, n_sub)
+        amounts = amounts.reshape(-1, n_sub, len(grid)).transpose(0, 2, 1)
     return amounts, o_par, o_cov
 
 
@@ -195,39 +214,51 @@ def _rhs(model: Model, par, cov):
 
 def _run_linear(ev: EventTable, prop: Spectral | Expm, x0: np.ndarray,
                 base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """State (amounts) and input rates just after each event; one step per event index."""
+    """Amounts and input rates just after each event: one step per event index, all subjects
+    at once (in the propagator's coordinates: modal for the closed form)."""
     n_sub, n = x0.shape
     bounds = np.searchsorted(ev.subject, np.arange(n_sub + 1))
     count = np.diff(bounds)
     X = np.empty((len(ev), n))
     R = np.empty((len(ev), n))
-    x = x0.copy()
-    r = base.copy()
+    everyone = np.arange(n_sub)
+    s0, sbase = prop.coords(x0, everyone), prop.coords(base, everyone)
+    s, sr = s0.copy(), sbase.copy()
     t = np.zeros(n_sub)
     for step in range(int(count.max(initial=0))):
         sidx = np.flatnonzero(count > step)
         e = bounds[sidx] + step
         kind = ev.kind[e]
         dt = np.where(kind == RESET, 0.0, ev.time[e] - t[sidx])
-        M, N = prop.transition(dt, sidx)
-        xs = np.einsum("kab,kb->ka", M, x[sidx]) + np.einsum("kab,kb->ka", N, r[sidx])
-        rs = r[sidx]
+        srs = sr[sidx]
+        ss = prop.advance(s[sidx], srs, dt, sidx)
         m = kind == RESET
-        xs[m], rs[m] = x0[sidx[m]], base[sidx[m]]
+        ss[m], srs[m] = s0[sidx[m]], sbase[sidx[m]]
         m = np.flatnonzero(kind == BOLUS)
-        xs[m, ev.cmt[e[m]]] += ev.value[e[m]]
+        if len(m):
+            ss[m] += _scale(ev.value[e[m]], prop.unit(sidx[m], ev.cmt[e[m]]))
         m = np.flatnonzero(kind == RATE)
-        rs[m, ev.cmt[e[m]]] += ev.value[e[m]]
+        if len(m):
+            srs[m] += _scale(ev.value[e[m]], prop.unit(sidx[m], ev.cmt[e[m]]))
         m = np.flatnonzero(kind == STEADY)
         if len(m):
             xss, on = _steady_state(prop, ev, e[m], sidx[m], n, base[sidx[m]])
             reset = ev.ss_mode[e[m]] == 1
-            xs[m] = np.where(reset[:, None], xss, xs[m] + xss)
-            rs[m] = np.where(reset[:, None], base[sidx[m]], rs[m])
-            rs[m, ev.cmt[e[m]]] += on * ev.ss_rate[e[m]]
-        x[sidx], r[sidx], t[sidx] = xs, rs, ev.time[e]
-        X[e], R[e] = xs, rs
+            cs = prop.coords(xss, sidx[m])
+            ss[m] = np.where(_expand(reset, cs), cs, ss[m] + cs)
+            srs[m] = np.where(_expand(reset, cs), sbase[sidx[m]], srs[m])
+            srs[m] += _scale(on * ev.ss_rate[e[m]], prop.unit(sidx[m], ev.cmt[e[m]]))
+        s[sidx], sr[sidx], t[sidx] = ss, srs, ev.time[e]
+        X[e], R[e] = prop.amounts(ss), prop.amounts(srs)
     return X, R
+
+
+def _scale(v: np.ndarray, arr: np.ndarray) -> np.ndarray:
+    return v.reshape(-1, *([1] * (arr.ndim - 1))) * arr
+
+
+def _expand(mask: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return mask.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def _steady_state(prop, ev: EventTable, e: np.ndarray, sidx: np.ndarray, n: int,
@@ -276,56 +307,151 @@ def _steady_state(prop, ev: EventTable, e: np.ndarray, sidx: np.ndarray, n: int,
 
 
 def _observe(prop, ev: EventTable, X: np.ndarray, R: np.ndarray, subj: np.ndarray,
-             time: np.ndarray, last: np.ndarray, chunk: int = 400_000) -> np.ndarray:
-    """Amounts at output times from the state after each output's last event."""
-    out = np.empty((len(time), X.shape[1]))
+             time: np.ndarray, last: np.ndarray, used: Sequence[int],
+             chunk: int = 500_000) -> np.ndarray:
+    """Amounts at output times from the state after each output's last event.
+
+    Only the states in ``used`` (those the outputs read) are computed; the others are NaN.
+    """
+    n = X.shape[1]
+    out = np.full((len(time), n), np.nan)
+    used = list(used)
+    if not used:
+        return out
     if isinstance(prop, Spectral):
-        Y = np.einsum("kiab,kb->kia", prop.P[ev.subject], X)  # modal components per event
-        active = np.any(R != 0, axis=1)
-        YR = np.einsum("kiab,kb->kia", prop.P[ev.subject[active]], R[active])
+        # modal components P_i·x of the needed states, per event: x(t) = Σ_i e^{λ_i Δt} y_i
+        P = prop.P[:, :, used, :]
+        Y = np.einsum("kiab,kb->kia", P[ev.subject], X)
+        active = np.flatnonzero(np.any(R != 0, axis=1))
+        YR = np.einsum("kiab,kb->kia", P[ev.subject[active]], R[active])
         where_r = np.full(len(ev), -1)
-        where_r[active] = np.arange(active.sum())
+        where_r[active] = np.arange(len(active))
     for a in range(0, len(time), chunk):
         sl = slice(a, a + chunk)
         e = last[sl]
         dt = time[sl] - ev.time[e]
         if isinstance(prop, Spectral):
+            lam = prop.lam[subj[sl]]
+            w = np.exp(lam * dt[:, None])
+            y = Y[e]
+            x = w[:, 0, None] * y[:, 0]
+            for i in range(1, w.shape[1]):
+                x += w[:, i, None] * y[:, i]
             wr = where_r[e]
-            x = prop.observe(Y[e], None, subj[sl], dt)
-            has = wr >= 0
-            if has.any():
-                from .solvers.linear import phi
-
-                lam = prop.lam[subj[sl][has]]
-                x[has] += np.einsum("ki,kia->ka", phi(lam, dt[has, None]), YR[wr[has]])
-            out[sl] = x
+            has = np.flatnonzero(wr >= 0)
+            if len(has):
+                x[has] += np.einsum("ki,kia->ka", phi(lam[has], dt[has, None]), YR[wr[has]])
+            out[sl, used] = x
         else:
             M, N = prop.transition(dt, subj[sl])
             out[sl] = np.einsum("kab,kb->ka", M, X[e]) + np.einsum("kab,kb->ka", N, R[e])
     return out
 
 
-def _last_event_on_grid(ev: EventTable, subj: np.ndarray, time: np.ndarray,
-                        n_sub: int) -> np.ndarray:
-    """For outputs on a per-subject time grid (no resets): index of the last event at or
-    before each output time (events at the output time come first)."""
-    order = np.lexsort((time, subj))
-    if np.any(order != np.arange(len(order))):
-        raise ValueError("output times must be sorted by subject, then time")
+def _observe_grid(prop: Spectral, ev: EventTable, X: np.ndarray, R: np.ndarray,
+                  grid: np.ndarray, last: np.ndarray, used: Sequence[int]) -> np.ndarray:
+    """Amounts (n_states, T, n_sub) on a time grid shared by all subjects, stepping along it.
+
+    Between events each mode decays by e^{λ·h} per grid step h (computed once per distinct
+    step), so the cost is O(T × n_sub × modes) multiplications and no exponentials per
+    output. States the outputs do not read are left unset.
+    """
+    T, n_sub = last.shape
+    out = np.empty((X.shape[1], T, n_sub))
+    used = list(used)
+    if not used:
+        return out
+    lam_t = np.ascontiguousarray(prop.lam.T)  # (modes, n_sub)
+    P = prop.P[:, :, used, :]
+    m, u = lam_t.shape[0], len(used)
+    z = np.zeros((m, u, n_sub))  # modal amounts of the used states
+    zr = np.zeros_like(z)  # modal input rates
+    any_rate = bool(np.any(R != 0))
+    seen = np.full(n_sub, -1)
+    steps: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+    for j in range(T):
+        if j:
+            h = float(grid[j] - grid[j - 1])
+            if h not in steps:
+                steps[h] = (np.exp(lam_t * h)[:, None, :], phi(lam_t, h)[:, None, :])
+            E, F = steps[h]
+            z *= E
+            if any_rate:
+                z += F * zr
+        e = last[j]
+        changed = np.flatnonzero(e != seen)
+        if len(changed):
+            ee = e[changed]
+            dt = (grid[j] - ev.time[ee])[:, None]
+            lam = prop.lam[changed]
+            Pc = P[changed]
+            yr = np.einsum("kiab,kb->iak", Pc, R[ee])
+            y = np.einsum("kiab,kb->iak", Pc, X[ee])
+            z[:, :, changed] = (np.exp(lam * dt).T[:, None, :] * y
+                                + phi(lam, dt).T[:, None, :] * yr)
+            zr[:, :, changed] = yr
+            seen[changed] = ee
+        acc = out[used, j, :]
+        acc[...] = z[0]
+        for i in range(1, m):
+            acc += z[i]
+        out[used, j, :] = acc
+    return out
+
+
+def _last_event_on_grid(ev: EventTable, grid: np.ndarray, n_sub: int) -> np.ndarray:
+    """(T, n_sub) index of the last event at or before each grid time (events at a grid time
+    come first: a dose at t is in the output at t). Grid subjects have no resets."""
     bounds = np.searchsorted(ev.subject, np.arange(n_sub + 1))
-    obounds = np.searchsorted(subj, np.arange(n_sub + 1))
-    # global sortable keys: subject offset + time rank within the combined time axis
-    t_all = np.concatenate([ev.time, time])
-    _, inv = np.unique(t_all, return_inverse=True)
-    big = len(inv) + 1
-    ke = ev.subject.astype(np.int64) * big + inv[: len(ev)]
-    ko = subj.astype(np.int64) * big + inv[len(ev):]
-    last = np.searchsorted(ke, ko, side="right") - 1
-    ok = last >= bounds[subj]
-    if not np.all(ok):
-        raise ValueError("an output time precedes the subject's first record")
-    del obounds
-    return last
+    pos = np.searchsorted(grid, ev.time, side="left")
+    counts = np.zeros((len(grid) + 1, n_sub), dtype=np.int64)
+    np.add.at(counts, (pos, ev.subject), 1)
+    seen = np.cumsum(counts[:-1], axis=0)
+    if np.any(seen[0] == 0):
+        raise ValueError("output times must not precede the first record")
+    seen += bounds[:-1] - 1
+    return seen
 
 
-_ = (TIME, SS_BOLUS)
+def simulate_regimen(model: Model, regimen: Regimen | str, times: np.ndarray, *, n: int = 1,
+                     iiv: bool | None = None, seed: int | None = None,
+                     covariates: Mapping[str, float | np.ndarray] | None = None,
+                     params: Mapping[str, float] | None = None, cmt: int | None = None,
+                     method: str = "auto") -> dict[str, np.ndarray]:
+    """Simulate ``n`` subjects on one regimen; outputs as arrays of shape (n, len(times)).
+
+    IIV is on when ``n > 1`` unless ``iiv=False``. ``covariates`` gives one value or one value
+    per subject for each covariate (model defaults otherwise). Doses go to ``cmt`` (default:
+    the model's dose compartment). A dose at an output time is included in that output.
+    """
+    reg = Regimen.parse(regimen) if isinstance(regimen, str) else regimen
+    times = np.asarray(times, dtype=float)
+    if times.ndim != 1 or len(times) == 0 or np.any(np.diff(times) < 0) or times[0] < 0:
+        raise ValueError("times must be a non-empty, sorted 1-D array of times >= 0")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    iiv = n > 1 if iiv is None else iiv
+    rec = reg.to_records(cmt=cmt or model.default_dose_cmt, until=float(times[-1]) + 1e-9)
+    # EVID 2 records at the first and last output times: the subject starts at time 0 and the
+    # implied doses (ADDL) up to the last output are kept
+    def other(t: float) -> pd.DataFrame:
+        return pd.DataFrame({"ID": [1], "TIME": [t], "EVID": [2], "AMT": [0.0], "CMT": [0],
+                             "II": [0.0], "ADDL": [0]})
+
+    rec = pd.concat([other(0.0), rec, other(float(times[-1]))], ignore_index=True)
+    m = len(rec)
+    df = pd.DataFrame({k: np.tile(rec[k].to_numpy(dtype=float), n) if k in rec else
+                       np.zeros(n * m) for k in _NEEDED})
+    subject = np.repeat(np.arange(n), m)
+    for k, c in model.covariates.items():
+        v = (covariates or {}).get(k, c.default)
+        if v is None:
+            raise ValueError(f"covariate {k} has no default in {model.name}: give a value")
+        v = np.broadcast_to(np.asarray(v, dtype=float), (n,))
+        df[k] = v[subject]
+    eta = sample_etas(model, n, np.random.default_rng(seed)) if iiv else None
+    amounts, par, cov = simulate_records(model, df, subject, n, params=params, eta=eta,
+                                         method=method, grid=times)
+    return {name: model.compile(o.expr, states=True, time=True)(par, cov, amounts,
+                                                                 times[:, None]).T
+            for name, o in model.outputs.items()}

@@ -122,6 +122,25 @@ class Spectral:
                                                                   1e-300)
             return bool(np.all(err < 1e-9))
 
+    # coordinates used while stepping through events: modal amounts P_i·x, shape (k, n, n)
+    def coords(self, x: np.ndarray, sidx: np.ndarray) -> np.ndarray:
+        return np.einsum("kiab,kb->kia", self.P[sidx], x)
+
+    @staticmethod
+    def amounts(y: np.ndarray) -> np.ndarray:
+        return y.sum(axis=1)
+
+    def unit(self, sidx: np.ndarray, cmt: np.ndarray) -> np.ndarray:
+        """Coordinates of one unit of amount in state ``cmt``."""
+        return self.P[sidx, :, :, cmt]
+
+    def advance(self, y: np.ndarray, yr: np.ndarray, dt: np.ndarray,
+                sidx: np.ndarray) -> np.ndarray:
+        """Modal amounts after dt with constant modal input rates yr."""
+        lam = self.lam[sidx]
+        return (np.exp(lam * dt[:, None])[..., None] * y
+                + phi(lam, dt[:, None])[..., None] * yr)
+
     def transition(self, dt: np.ndarray, sidx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """e^{A·dt} and ∫_0^dt e^{A s} ds for subjects ``sidx`` (each (k, n, n))."""
         lam = self.lam[sidx]
@@ -170,6 +189,22 @@ class Expm:
         aug[:, :n, n:] = np.eye(n) * dt[:, None, None]
         E = scipy.linalg.expm(aug) if k else aug
         return E[:, :n, :n], E[:, :n, n:]
+
+    @staticmethod
+    def coords(x: np.ndarray, sidx: np.ndarray) -> np.ndarray:
+        return np.array(x, dtype=float)
+
+    @staticmethod
+    def amounts(x: np.ndarray) -> np.ndarray:
+        return x
+
+    def unit(self, sidx: np.ndarray, cmt: np.ndarray) -> np.ndarray:
+        return np.eye(self.n)[cmt]
+
+    def advance(self, x: np.ndarray, r: np.ndarray, dt: np.ndarray,
+                sidx: np.ndarray) -> np.ndarray:
+        M, N = self.transition(dt, sidx)
+        return np.einsum("kab,kb->ka", M, x) + np.einsum("kab,kb->ka", N, r)
 
     def geometric(self, tau: np.ndarray, sidx: np.ndarray) -> np.ndarray:
         M, _ = self.transition(tau, sidx)

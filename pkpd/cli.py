@@ -1,0 +1,220 @@
+"""Command line: ``pkpd simulate``, ``pkpd nca``, ``pkpd models``.
+
+Every error is one line on stderr (``pkpd: error: ...``) with exit status 2, and no output
+file is written (results go to a temporary file that is renamed when complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ._io import atomic_path, atomic_write_csv
+
+__all__ = ["main"]
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (CliError, ValueError, OSError) as exc:  # model, dataset, regimen errors too
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"pkpd: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pkpd", description="Pharmacometrics toolkit.")
+    sub = p.add_subparsers(dest="command")
+
+    s = sub.add_parser("simulate", help="simulate a model on a NONMEM data set or a regimen",
+                       description="Simulate MODEL (a path or a name under models/) on a "
+                       "NONMEM-format data set (--data) or on a regimen (--regimen, --times).")
+    s.add_argument("model", help="model file or shipped model name (see `pkpd models`)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="NONMEM-format CSV; one output row per record, in order")
+    src.add_argument("--regimen", help='e.g. "80 mg BIW for 4 weeks", "100 mg QW", "none"')
+    s.add_argument("--times", help="output times in h for --regimen: START:STOP:STEP "
+                   "(inclusive) or a comma list")
+    s.add_argument("--n", type=int, default=1, help="number of subjects for --regimen "
+                   "(IIV on when > 1)")
+    s.add_argument("--out", required=True, help="output CSV")
+    s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="typical value of a parameter (or, with --regimen, a covariate value)")
+    s.add_argument("--iiv", action="store_true", help="draw between-subject variability")
+    s.add_argument("--seed", type=int, default=None, help="random seed for IIV")
+    s.add_argument("--method", default="auto", choices=["auto", "closed-form", "expm", "ode"],
+                   help="solver (auto: closed form or matrix exponential for linear models, "
+                   "solve_ivp otherwise)")
+    s.add_argument("--plot", help="PNG/SVG of population percentiles (with --regimen)")
+    s.set_defaults(run=_simulate)
+
+    n = sub.add_parser("nca", help="non-compartmental analysis of a data set or simulation",
+                       description="NCA per subject: Cmax, Tmax, AUClast, AUCinf, λz, t½.")
+    n.add_argument("data", help="NONMEM-format CSV or `pkpd simulate` output")
+    n.add_argument("--conc", help="concentration column (default: CP if present, else DV)")
+    n.add_argument("--auc-method", default="linear-up/log-down",
+                   choices=["linear-up/log-down", "linear"])
+    n.add_argument("--conc-unit", default="", help="unit label for concentrations, e.g. ng/mL")
+    n.add_argument("--time-unit", default="h", help="unit label for time")
+    n.add_argument("--out", help="also write the table as CSV")
+    n.set_defaults(run=_nca)
+
+    m = sub.add_parser("models", help="list the shipped models")
+    m.set_defaults(run=_models)
+    return p
+
+
+def _settings(pairs: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for item in pairs:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise CliError(f"--set {item!r}: expected NAME=NUMBER") from None
+    return out
+
+
+def _times(text: str | None) -> np.ndarray:
+    if not text:
+        raise CliError("--regimen needs --times START:STOP:STEP (h)")
+    try:
+        if ":" in text:
+            a, b, step = (float(v) for v in text.split(":"))
+            if step <= 0 or b < a:
+                raise ValueError
+            t = np.arange(a, b + step * 0.5, step)
+        else:
+            t = np.array([float(v) for v in text.split(",")])
+    except ValueError:
+        raise CliError(f"--times {text!r}: expected START:STOP:STEP with STEP > 0 and "
+                       "STOP >= START, or a comma-separated list of times") from None
+    if len(t) == 0 or np.any(t < 0) or np.any(np.diff(t) < 0):
+        raise CliError(f"--times {text!r}: expected sorted times >= 0")
+    return t
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .dataset import read_nonmem
+    from .model import load_model
+    from .simulate import simulate, simulate_regimen
+
+    model = load_model(args.model)
+    settings = _settings(args.set)
+    params = {k: v for k, v in settings.items() if k in model.parameters}
+    covs = {k.upper(): v for k, v in settings.items() if k not in model.parameters}
+    unknown = [k for k in covs if k not in model.covariates or args.data]
+    if unknown:
+        raise CliError(f"--set {unknown[0]}: {model.name} has no parameter of that name "
+                       f"(parameters: {', '.join(model.parameters)})")
+    out = Path(args.out)
+    started = time.perf_counter()
+    if args.data:
+        if args.plot:
+            raise CliError("--plot is for --regimen simulations")
+        ds = read_nonmem(args.data)
+        table = simulate(model, ds, params=params, iiv=args.iiv, seed=args.seed,
+                         method=args.method)
+    else:
+        if args.n < 1:
+            raise CliError(f"--n must be >= 1, got {args.n}")
+        times = _times(args.times)
+        iiv = args.iiv or args.n > 1
+        res = simulate_regimen(model, args.regimen, times, n=args.n, iiv=iiv, seed=args.seed,
+                               covariates=covs, params=params, method=args.method)
+        table = pd.DataFrame({"ID": np.repeat(np.arange(1, args.n + 1), len(times)),
+                              "TIME": np.tile(times, args.n)})
+        for name, values in res.items():
+            table[name] = np.asarray(values).reshape(-1)
+    atomic_write_csv(table, out)
+    if args.plot:
+        _plot(model, res, times, args.regimen, args.n, Path(args.plot))
+    print(f"pkpd: wrote {out} ({len(table)} rows, {model.name}, "
+          f"{time.perf_counter() - started:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def _plot(model, res: dict[str, np.ndarray], times: np.ndarray, regimen: str, n: int,
+          path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res)
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 3.2 * len(names)), squeeze=False)
+    days = times[-1] > 96
+    t = times / 24 if days else times
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        y = np.asarray(res[name])
+        unit = model.outputs[name].unit
+        if n > 1:
+            lo, q1, med, q3, hi = np.percentile(y, [5, 25, 50, 75, 95], axis=0)
+            ax.fill_between(t, lo, hi, alpha=0.2, color="C0", label="5th–95th percentile")
+            ax.fill_between(t, q1, q3, alpha=0.35, color="C0", label="25th–75th percentile")
+            ax.plot(t, med, color="C0", lw=1.5, label="median")
+            ax.legend(loc="upper right", fontsize=8, frameon=False)
+        else:
+            ax.plot(t, y[0], color="C0", lw=1.5)
+        ax.set_ylabel(f"{name} ({unit})" if unit else name)
+        ax.set_xlabel("Time (days)" if days else f"Time ({model.time_unit})")
+        ax.grid(alpha=0.3)
+    who = f"{n} simulated subjects" if n > 1 else "typical subject"
+    axes[0, 0].set_title(f"{model.name}: {regimen} ({who})")
+    fig.tight_layout()
+    suffix = path.suffix.lower().lstrip(".") or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=suffix, dpi=120)
+    plt.close(fig)
+
+
+def _nca(args: argparse.Namespace) -> int:
+    from .dataset import read_nonmem
+    from .nca import format_table, nca
+
+    ds = read_nonmem(args.data)
+    df = ds.data
+    conc = (args.conc or ("CP" if "CP" in df.columns else "DV")).upper()
+    if conc not in df.columns:
+        raise CliError(f"{args.data}: expected a concentration column {conc}, got columns "
+                       f"{', '.join(df.columns)}")
+    table = nca(df, conc=conc, auc_method=args.auc_method)
+    units = {"time": args.time_unit}
+    if args.conc_unit:
+        units["conc"] = args.conc_unit
+    print(format_table(table, units=units))
+    if args.out:
+        atomic_write_csv(table, args.out)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .model import MODELS_DIR, load_model
+
+    for f in sorted(MODELS_DIR.glob("*.toml")):
+        m = load_model(f)
+        kind = "linear" if m.linear is not None else "nonlinear"
+        print(f"{m.name:<22} {kind:<10} {m.description}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
