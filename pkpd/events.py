@@ -164,7 +164,8 @@ def build_events(d: Doses, n_subjects: int) -> EventTable:
         k1 = np.where(typ == SS_INFUSION, k1, k0)
         ss_pair = np.arange(len(s_idx))
         add(s_idx, d.time[s_idx], STEADY, d.cmt[s_idx], np.zeros(len(s_idx)),
-            np.zeros(len(s_idx), bool), 1, pair=ss_pair, ss_type=typ, ss_mode=ss[s_idx], ss_amt=amt[s_idx],
+            np.zeros(len(s_idx), bool), 1, pair=ss_pair, ss_type=typ, ss_mode=ss[s_idx],
+            ss_amt=amt[s_idx],
             ss_rate=np.where(const[s_idx], d.rate[s_idx], rate[s_idx]), ss_dur=du, ss_ii=ii,
             ss_lag=lg, ss_k0=k0, ss_k1=k1)
         # infusions still running at the SS record end at t0 + D − (k·II − L), k0 ≤ k < k1

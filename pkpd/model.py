@@ -50,7 +50,7 @@ _FUNCTIONS: dict[str, object] = {
     "exp": sp.exp, "EXP": sp.exp, "log": sp.log, "LOG": sp.log, "sqrt": sp.sqrt,
     "SQRT": sp.sqrt, "Max": sp.Max, "Min": sp.Min, "max": sp.Max, "min": sp.Min,
     "abs": sp.Abs, "ABS": sp.Abs, "Piecewise": sp.Piecewise, "Heaviside": sp.Heaviside,
-    "tanh": sp.tanh, "pi": sp.pi, "log10": lambda x: sp.log(x, 10), "LOG10": lambda x: sp.log(x, 10),
+    "tanh": sp.tanh, "pi": sp.pi,
 }
 _RESERVED = {"t"} | set(_FUNCTIONS)
 

@@ -33,8 +33,8 @@ from .regimen import Regimen
 from .solvers.linear import Expm, Spectral, make_propagator, phi
 from .solvers.ode import solve_reference
 
-__all__ = ["simulate", "simulate_records", "simulate_regimen", "Individuals", "individual_parameters",
-           "sample_etas"]
+__all__ = ["simulate", "simulate_records", "simulate_regimen", "Individuals",
+           "individual_parameters", "sample_etas"]
 
 METHODS = ("auto", "closed-form", "expm", "ode")
 
