@@ -21,8 +21,8 @@ import numpy as np
 import sympy as sp
 from sympy.parsing.sympy_parser import (
     auto_number,
+    auto_symbol,
     convert_xor,
-    factorial_notation,
     parse_expr,
 )
 
@@ -53,6 +53,10 @@ _FUNCTIONS: dict[str, object] = {
     "tanh": sp.tanh, "pi": sp.pi,
 }
 _RESERVED = {"t"} | set(_FUNCTIONS)
+# what the parser may evaluate: numbers, symbols and the functions above, nothing else
+_GLOBALS = {"__builtins__": {}, "Integer": sp.Integer, "Float": sp.Float,
+            "Rational": sp.Rational, "Symbol": sp.Symbol}
+_UNSAFE = re.compile(r"__|[A-Za-z_)\]]\s*\.|[\[\]{};:@'\"`\\]|\blambda\b")
 
 
 class ModelError(ValueError):
@@ -263,8 +267,16 @@ class Model:
             if k not in params:
                 raise ModelError(f"{self.path}: unknown parameter {k!r} (model has "
                                  f"{', '.join(params)})")
+            try:
+                value = float(v)
+            except (TypeError, ValueError):
+                raise ModelError(f"{self.path}: {k} must be a number, got {v!r}") from None
             p = params[k]
-            params[k] = Parameter(**{**p.__dict__, "value": float(v)})
+            if (p.lower is not None and value < p.lower) or (p.upper is not None and
+                                                              value > p.upper):
+                raise ModelError(f"{self.path}: {k} = {value:g} outside [lower, upper] = "
+                                 f"[{p.lower}, {p.upper}]")
+            params[k] = replace(p, value=value)
         return replace(self, parameters=params)
 
     def __hash__(self) -> int:  # cached_property needs instances usable as keys elsewhere
@@ -325,7 +337,7 @@ class _Source:
         current = None
         for i, raw in enumerate(self.lines, 1):
             line = raw.split("#", 1)[0].strip()
-            m = re.match(r"^\[\s*([A-Za-z_.]+)\s*\]$", line)
+            m = re.match(r"^\[\s*([A-Za-z0-9_.]+)\s*\]$", line)
             if m:
                 current = m.group(1)
                 if key is None and current == section:
@@ -358,7 +370,9 @@ def load_model(path_or_name: str | Path) -> Model:
 
 def _resolve(path_or_name: str | Path) -> Path:
     p = Path(path_or_name)
-    candidates = [p, p.with_suffix(".toml"), MODELS_DIR / p.name, MODELS_DIR / f"{p.name}.toml"]
+    candidates = [p, p.with_suffix(".toml")]
+    if len(p.parts) == 1:  # a bare name: also look among the shipped models
+        candidates += [MODELS_DIR / p.name, MODELS_DIR / f"{p.name}.toml"]
     for c in candidates:
         if c.is_file():
             return c
@@ -381,6 +395,9 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
     for section in ("model", "parameters", "compartments", "odes", "outputs"):
         if section not in doc:
             raise ModelError(f"{path}: missing section [{section}]")
+    for section, body in doc.items():
+        if not isinstance(body, dict):
+            raise ModelError(f"{path}: {section} must be a section [{section}], got {body!r}")
     head = doc["model"]
     if not isinstance(head.get("name"), str):
         raise src.error("model", "name", "expected a string name")
@@ -407,6 +424,10 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
         declare("covariates", name.upper())
         if not isinstance(spec, dict):
             spec = {"description": str(spec)}
+        extra = set(spec) - {"unit", "default", "description", "source"}
+        if extra:
+            raise src.error("covariates", name, f"unknown field {sorted(extra)[0]!r} "
+                            "(expected unit, default, description, source)")
         default = spec.get("default")
         if default is not None and not isinstance(default, int | float):
             raise src.error("covariates", name, f"default must be a number, got {default!r}")
@@ -421,13 +442,16 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
         if not isinstance(spec, dict):
             raise src.error("compartments", name, "expected a table or a description string")
         cmt = spec.get("cmt", i)
-        if not isinstance(cmt, int) or cmt < 1:
+        if not isinstance(cmt, int) or isinstance(cmt, bool) or cmt < 1:
             raise src.error("compartments", name, f"cmt must be a positive integer, got {cmt!r}")
+        if "dose" in spec and not isinstance(spec["dose"], bool):
+            raise src.error("compartments", name, f"dose must be true or false, got "
+                            f"{spec['dose']!r}")
         cmts.append((name, {**spec, "cmt": cmt}))
     numbers = [s["cmt"] for _, s in cmts]
     if len(set(numbers)) != len(numbers):
         dup = next(n for n in numbers if numbers.count(n) > 1)
-        name = next(nm for nm, s in cmts if s["cmt"] == dup)
+        name = [nm for nm, s in cmts if s["cmt"] == dup][1]
         raise src.error("compartments", name, f"cmt {dup} is used twice")
     if not cmts:
         raise src.error("compartments", None, "at least one compartment is needed")
@@ -437,27 +461,34 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
     ssym = {k: sp.Symbol(k, real=True) for k, _ in cmts}
 
     def parse(section: str, key: str, text_: object, allowed: dict[str, sp.Symbol],
-              what: str) -> sp.Expr:
+              what: str, time_ok: bool = True) -> sp.Expr:
         if isinstance(text_, int | float) and not isinstance(text_, bool):
+            if not math.isfinite(text_):
+                raise src.error(section, key, f"expected a finite number, got {text_!r}")
             return sp.Float(text_) if isinstance(text_, float) else sp.Integer(text_)
         if not isinstance(text_, str) or not text_.strip():
             raise src.error(section, key, f"expected an equation as a string, got {text_!r}")
+        if _UNSAFE.search(text_):
+            raise src.error(section, key, f"cannot parse {text_!r} (only names, numbers, "
+                            "operators and function calls are allowed)")
         local = {**_FUNCTIONS, **allowed, "t": TIME}
         try:
-            expr = parse_expr(text_, local_dict=local,
-                              transformations=(auto_number, factorial_notation, convert_xor),
+            expr = parse_expr(text_, local_dict=local, global_dict=dict(_GLOBALS),
+                              transformations=(auto_symbol, auto_number, convert_xor),
                               evaluate=True)
         except Exception as exc:  # sympy raises many types for bad syntax
             raise src.error(section, key, f"cannot parse {text_!r} ({type(exc).__name__}: "
                             f"{exc})") from None
         if not isinstance(expr, sp.Expr):
             raise src.error(section, key, f"{text_!r} is not an expression")
-        known = set(allowed.values()) | {TIME}
+        known = set(allowed.values()) | ({TIME} if time_ok else set())
         unknown = sorted(str(s) for s in expr.free_symbols - known)
         if unknown:
+            if unknown[0] == "t":
+                raise src.error(section, key, f"time t cannot be used here ({text_!r})")
             raise src.error(section, key, f"unknown symbol {unknown[0]!r} in {text_!r} "
                             f"(allowed here: {what})")
-        if expr.has(sp.I, sp.zoo, sp.nan, sp.oo):
+        if expr.has(sp.I, sp.zoo, sp.nan, sp.oo, sp.E, sp.S.Exp1):
             raise src.error(section, key, f"{text_!r} is not a finite real expression")
         return expr
 
@@ -468,7 +499,7 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
             raise src.error("individual", name, "left-hand side must be a parameter declared "
                             "in [parameters]")
         individual[name] = parse("individual", name, text_, {**psym, **csym},
-                                 "parameters (typical values) and covariates")
+                                 "parameters (typical values) and covariates", time_ok=False)
 
     # derived statements, substituted in order ------------------------------------------
     derived: dict[sp.Symbol, sp.Expr] = {}
@@ -486,7 +517,9 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
     compartments = []
     for name, spec in cmts:
         init = subs(parse("compartments", name, spec.get("init", 0), scope,
-                          "parameters, covariates, derived"))
+                          "parameters, covariates, derived", time_ok=False))
+        if TIME in init.free_symbols:
+            raise src.error("compartments", name, "init cannot depend on time t")
         extra = set(spec) - {"cmt", "unit", "description", "init", "dose"}
         if extra:
             raise src.error("compartments", name, f"unknown field {sorted(extra)[0]!r} "
@@ -516,7 +549,13 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
             raise src.error("dosing", key, "expected ALAGn, Fn, Rn or Dn with n a CMT number")
         if int(m.group(2)) not in cmt_numbers:
             raise src.error("dosing", key, f"no compartment has cmt {m.group(2)}")
-        dosing[key] = subs(parse("dosing", key, text_, scope, "parameters, covariates, derived"))
+        norm = f"{m.group(1)}{int(m.group(2))}"
+        if norm in dosing:
+            raise src.error("dosing", key, f"{norm} is given twice")
+        dosing[norm] = subs(parse("dosing", key, text_, scope, "parameters, covariates, derived",
+                                  time_ok=False))
+        if TIME in dosing[norm].free_symbols:
+            raise src.error("dosing", key, "dose parameters cannot depend on time t")
 
     outputs: dict[str, Output] = {}
     for name, spec in doc["outputs"].items():
@@ -525,6 +564,10 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
             spec = {"expr": spec}
         if not isinstance(spec, dict) or "expr" not in spec:
             raise src.error("outputs", name, "expected a table with expr (and unit)")
+        extra = set(spec) - {"expr", "unit", "description"}
+        if extra:
+            raise src.error("outputs", name, f"unknown field {sorted(extra)[0]!r} "
+                            "(expected expr, unit, description)")
         expr = subs(parse("outputs", name, spec["expr"], {**scope, **ssym},
                           "states, parameters, covariates, derived, t"))
         outputs[name] = Output(name, expr, str(spec.get("unit", "")),
@@ -545,6 +588,11 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
     )
 
 
+def _number(v: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _parameter(src: _Source, name: str, spec: object) -> Parameter:
     if isinstance(spec, int | float) and not isinstance(spec, bool):
         raise src.error("parameters", name, "expected a table { value = ..., unit = ... }")
@@ -557,7 +605,7 @@ def _parameter(src: _Source, name: str, spec: object) -> Parameter:
         raise src.error("parameters", name, f"unknown field {sorted(extra)[0]!r} (expected "
                         f"{', '.join(sorted(allowed))})")
     value = spec.get("value")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not _number(value):
         raise src.error("parameters", name, f"value must be a finite number, got {value!r}")
     if "unit" not in spec:
         raise src.error("parameters", name, "unit is required (use \"-\" for dimensionless)")
@@ -566,12 +614,19 @@ def _parameter(src: _Source, name: str, spec: object) -> Parameter:
     omega2 = spec.get("omega2", 0.0)
     if "iiv_cv" in spec:
         cv = spec["iiv_cv"]
-        if not isinstance(cv, int | float) or cv < 0:
+        if not _number(cv) or cv < 0:
             raise src.error("parameters", name, f"iiv_cv must be a percentage >= 0, got {cv!r}")
         omega2 = math.log1p((cv / 100.0) ** 2)
-    if isinstance(omega2, bool) or not isinstance(omega2, int | float) or omega2 < 0:
+    if not _number(omega2) or omega2 < 0:
         raise src.error("parameters", name, f"omega2 must be a variance >= 0, got {omega2!r}")
     lower, upper = spec.get("lower"), spec.get("upper")
+    for bound, v in (("lower", lower), ("upper", upper)):
+        if v is not None and not _number(v):
+            raise src.error("parameters", name, f"{bound} must be a number, got {v!r}")
+    for flag in ("fixed", "assumption"):
+        if flag in spec and not isinstance(spec[flag], bool):
+            raise src.error("parameters", name, f"{flag} must be true or false, got "
+                            f"{spec[flag]!r}")
     if lower is not None and upper is not None and not lower <= value <= upper:
         raise src.error("parameters", name, f"value {value} outside [lower, upper] = "
                         f"[{lower}, {upper}]")

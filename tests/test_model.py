@@ -348,8 +348,8 @@ MALFORMED = [
      ", line 7, [parameters] KA: value 1.0 outside [lower, upper] = [2, 5]"),
     ("unknown-symbol-in-ode",
      edit('CENTRAL = "KA*DEPOT - CL/V*CENTRAL"', 'CENTRAL = "KA*DEPOT - K10*CENTRAL"'),
-     ", line 15, [odes] CENTRAL: cannot parse 'KA*DEPOT - K10*CENTRAL' "
-     "(NameError: name 'K10' is not defined)"),
+     ", line 15, [odes] CENTRAL: unknown symbol 'K10' in 'KA*DEPOT - K10*CENTRAL' "
+     "(allowed here: states, parameters, covariates, derived, t)"),
     ("ode-for-undeclared-compartment",
      edit('CENTRAL = "KA*DEPOT - CL/V*CENTRAL"\n',
           'CENTRAL = "KA*DEPOT - CL/V*CENTRAL"\nPERIPH  = "0"\n'),
@@ -367,8 +367,8 @@ MALFORMED = [
     ("dosing-key-for-missing-cmt", with_section('[dosing]\nALAG9 = "0.5"'),
      ", line 18, [dosing] ALAG9: no compartment has cmt 9"),
     ("state-in-dosing", with_section('[dosing]\nF1 = "CENTRAL/100"'),
-     ", line 18, [dosing] F1: cannot parse 'CENTRAL/100' (NameError: name 'CENTRAL' is not "
-     "defined)"),
+     ", line 18, [dosing] F1: unknown symbol 'CENTRAL' in 'CENTRAL/100' "
+     "(allowed here: parameters, covariates, derived)"),
     ("unparseable-equation",
      edit('CENTRAL = "KA*DEPOT - CL/V*CENTRAL"', 'CENTRAL = "KA*DEPOT - CL/V*"'),
      ", line 15, [odes] CENTRAL: cannot parse 'KA*DEPOT - CL/V*' "
@@ -391,7 +391,7 @@ MALFORMED = [
      "digits and _"),
     ("duplicate-cmt-numbers",
      edit('CENTRAL = { cmt = 2, unit = "mg" }', 'CENTRAL = { cmt = 1, unit = "mg" }'),
-     ", line 10, [compartments] DEPOT: cmt 1 is used twice"),
+     ", line 11, [compartments] CENTRAL: cmt 1 is used twice"),
     ("cmt-not-positive",
      edit('CENTRAL = { cmt = 2, unit = "mg" }', 'CENTRAL = { cmt = 0, unit = "mg" }'),
      ", line 11, [compartments] CENTRAL: cmt must be a positive integer, got 0"),
@@ -407,7 +407,8 @@ MALFORMED = [
     ("individual-for-non-parameter", with_section('[individual]\nKE = "CL/V"'),
      ", line 18, [individual] KE: left-hand side must be a parameter declared in [parameters]"),
     ("derived-uses-later-derived", with_section('[derived]\nK2 = "KE*2"\nKE = "CL/V"'),
-     ", line 18, [derived] K2: cannot parse 'KE*2' (NameError: name 'KE' is not defined)"),
+     ", line 18, [derived] K2: unknown symbol 'KE' in 'KE*2' "
+     "(allowed here: parameters, covariates, earlier derived)"),
     ("covariate-default-not-number", with_section('[covariates]\nWT = { default = "seventy" }'),
      ", line 18, [covariates] WT: default must be a number, got 'seventy'"),
 ]
@@ -443,30 +444,33 @@ def test_directory_is_not_a_model_file(tmp_path: Path) -> None:
     assert str(err.value) == f"{tmp_path}: no such model file (models shipped: {shipped})"
 
 
-# ------------------------------------------------------------------ known parser bugs
-# Reported, not fixed here (pkpd/model.py belongs to another change). strict: when a fix
-# lands these XPASS and fail, so the expectations above can be updated with them.
-@pytest.mark.xfail(strict=True, reason="parse_expr lacks auto_symbol: NameError leaks instead "
-                   "of the 'unknown symbol ... (allowed here: ...)' message")
-def test_bug_unknown_name_gets_unknown_symbol_message() -> None:
+# ------------------------------------------------------------------ parser hardening
+def test_unknown_name_gets_unknown_symbol_message() -> None:
     with pytest.raises(ModelError, match=r"unknown symbol 'K10'"):
         parse_model(edit('CL/V*CENTRAL"', 'K10*CENTRAL"'))
 
 
-@pytest.mark.xfail(strict=True, reason="an undeclared E is parsed as Euler's number")
-def test_bug_undeclared_e_is_rejected() -> None:
+def test_undeclared_e_is_rejected() -> None:
     with pytest.raises(ModelError):
         parse_model(edit('CL/V*CENTRAL"', 'E*CENTRAL"'))
 
 
-@pytest.mark.xfail(strict=True, reason="t is accepted in [dosing] and [individual], where "
-                   "it cannot be evaluated")
-def test_bug_time_rejected_outside_odes_and_outputs() -> None:
+def test_time_rejected_outside_odes_and_outputs() -> None:
     with pytest.raises(ModelError):
         parse_model(with_section('[dosing]\nALAG1 = "0.1*t"'))
 
 
-@pytest.mark.xfail(strict=True, reason="omega2 = nan / inf passes the >= 0 check")
-def test_bug_nan_omega2_rejected() -> None:
+def test_nan_omega2_rejected() -> None:
     with pytest.raises(ModelError):
         parse_model(edit("iiv_cv = 30 }", "omega2 = nan }"))
+
+
+def test_python_code_in_an_equation_is_rejected() -> None:
+    with pytest.raises(ModelError, match="only names, numbers, operators and function calls"):
+        parse_model(edit('CL/V*CENTRAL"', "CL/V*CENTRAL + 0*len(__import__('os').listdir('/'))\""))
+
+
+def test_explicit_missing_path_does_not_fall_back_to_shipped_models(tmp_path) -> None:
+    missing = tmp_path / "pk_1cmt_iv.toml"
+    with pytest.raises(ModelError, match="no such model file"):
+        load_model(missing)
