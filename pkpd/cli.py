@@ -126,6 +126,9 @@ def _simulate(args: argparse.Namespace) -> int:
         raise CliError(f"--set {unknown[0]}: {model.name} has no parameter of that name "
                        f"(parameters: {', '.join(model.parameters)})")
     out = Path(args.out)
+    _ensure_parent(out)
+    if args.plot:
+        _ensure_parent(Path(args.plot))
     started = time.perf_counter()
     if args.data:
         if args.plot:
@@ -150,6 +153,14 @@ def _simulate(args: argparse.Namespace) -> int:
     print(f"pkpd: wrote {out} ({len(table)} rows, {model.name}, "
           f"{time.perf_counter() - started:.2f} s)", file=sys.stderr)
     return 0
+
+
+def _ensure_parent(path: Path) -> None:
+    """Create the output's folder (like `mkdir -p`); a clear error if that is impossible."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror} ({path.parent})") from None
 
 
 def _plot(model, res: dict[str, np.ndarray], times: np.ndarray, regimen: str, n: int,

@@ -211,10 +211,12 @@ def _assemble(parts, d: Doses, tepoch, repoch, n_subjects: int) -> EventTable:
     keep = np.ones(len(src), bool)
     if imp.any():
         ni = int(imp.sum())
-        merged = [np.concatenate(pair) for pair in (
-            (d.subject, subj[imp]), (tepoch, tepoch[src[imp]]), (d.time, cat["time"][imp]),
-            (np.ones(n_rec), np.zeros(ni)), (np.arange(n_rec), np.zeros(ni)))]
-        order = np.lexsort(merged[::-1])
+        # (subject, time epoch) group of each record; records first at equal times
+        group = np.cumsum(np.r_[True, (d.subject[1:] != d.subject[:-1])
+                                | (tepoch[1:] != tepoch[:-1])])
+        tie = np.concatenate([np.arange(1, n_rec + 1), np.zeros(ni, np.int64)])
+        order = np.lexsort((tie, np.concatenate([d.time, cat["time"][imp]]),
+                            np.concatenate([group, group[src[imp]]])))
         is_rec = order < n_rec
         before = np.cumsum(is_rec) - is_rec
         pos = np.empty(len(order), int)
@@ -241,7 +243,8 @@ def _assemble(parts, d: Doses, tepoch, repoch, n_subjects: int) -> EventTable:
         ends = has_pair & ~starts
         keep[ends] &= start_epoch[pair[ends]] == epoch[ends]
     idx = np.flatnonzero(keep)
-    order = np.lexsort((cat["sub"][idx], cat["time"][idx], ~imp[idx], slot[idx], subj[idx]))
+    # slot (a record index) implies the subject; implied events first, then by time
+    order = np.lexsort((cat["sub"][idx], cat["time"][idx], 2 * slot[idx] + ~imp[idx]))
     idx = idx[order]
     out = {k: cat[k][idx] for k in ("time", "kind", "cmt", "value", *ss_cols)}
     return EventTable(subject=subj[idx], slot=slot[idx], **out)

@@ -150,8 +150,7 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
         o_par, o_cov = par_rec, cov_rec
     else:  # a time grid shared by all subjects
         grid = np.asarray(grid, dtype=float)
-        last = _last_event_on_grid(events, grid, n_sub)
-        out_event = None  # subject-major copy made only where a generic path needs it
+        out_event = None  # made only where a generic path needs it (not the grid fast path)
         out_subject = np.repeat(np.arange(n_sub), len(grid))
         out_time = np.tile(grid, n_sub)
         o_par, o_cov = par_sub, cov_sub  # broadcast against (T, n_sub)
@@ -166,16 +165,16 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
         used = sorted({i for o in model.outputs.values() for i, x in
                        enumerate(model.state_symbols) if x in o.expr.free_symbols})
         if grid is not None and isinstance(prop, Spectral):
-            amounts = _observe_grid(prop, events, X, R, grid, last, used)
+            amounts = _observe_grid(prop, events, X, R, grid, n_sub, used)
         else:
             if out_event is None:
-                out_event = last.T.reshape(-1)
+                out_event = _last_event_on_grid(events, grid, n_sub).T.reshape(-1)
             amounts = _observe(prop, events, X, R, out_subject, out_time, out_event, used).T
     else:
         if method in ("closed-form", "expm"):
             raise ValueError(f"{model.name}: {method} needs a linear time-invariant model")
         if out_event is None:
-            out_event = last.T.reshape(-1)
+            out_event = _last_event_on_grid(events, grid, n_sub).T.reshape(-1)
         amounts = solve_reference(_rhs(model, par_sub, cov_sub), events, x0, out_subject,
                                   out_time, out_event).T
     if grid is not None and amounts.ndim == 2:  # (n, n_sub·T) subject-major → (n, T, n_sub)
@@ -349,26 +348,38 @@ def _observe(prop, ev: EventTable, X: np.ndarray, R: np.ndarray, subj: np.ndarra
 
 
 def _observe_grid(prop: Spectral, ev: EventTable, X: np.ndarray, R: np.ndarray,
-                  grid: np.ndarray, last: np.ndarray, used: Sequence[int]) -> np.ndarray:
+                  grid: np.ndarray, n_sub: int, used: Sequence[int]) -> np.ndarray:
     """Amounts (n_states, T, n_sub) on a time grid shared by all subjects, stepping along it.
 
     Between events each mode decays by e^{λ·h} per grid step h (computed once per distinct
     step), so the cost is O(T × n_sub × modes) multiplications and no exponentials per
-    output. States the outputs do not read are left unset.
+    output. An event at a grid time is included in that output. States the outputs do not
+    read are left unset.
     """
-    T, n_sub = last.shape
+    T = len(grid)
     out = np.empty((X.shape[1], T, n_sub))
     used = list(used)
     if not used:
         return out
+    # events grouped by the first grid index that sees them; within a group only the last
+    # event of each subject matters (its state already includes the earlier ones)
+    pos = np.searchsorted(grid, ev.time, side="left")
+    order = np.argsort(pos, kind="stable")  # stays subject-major, in processing order
+    pos_sorted = pos[order]
+    keep = np.r_[(ev.subject[order][1:] != ev.subject[order][:-1])
+                 | (pos_sorted[1:] != pos_sorted[:-1]), True]
+    order, pos_sorted = order[keep], pos_sorted[keep]
+    bounds = np.searchsorted(pos_sorted, np.arange(T + 1))
+    if bounds[1] - bounds[0] != n_sub or np.any(ev.time[order[:bounds[1]]] > grid[0]):
+        raise ValueError("every subject needs a record at or before the first output time")
     lam_t = np.ascontiguousarray(prop.lam.T)  # (modes, n_sub)
     P = prop.P[:, :, used, :]
     m, u = lam_t.shape[0], len(used)
     z = np.zeros((m, u, n_sub))  # modal amounts of the used states
     zr = np.zeros_like(z)  # modal input rates
     any_rate = bool(np.any(R != 0))
-    seen = np.full(n_sub, -1)
     steps: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+    acc = np.empty((u, n_sub))
     for j in range(T):
         if j:
             h = float(grid[j] - grid[j - 1])
@@ -378,10 +389,9 @@ def _observe_grid(prop: Spectral, ev: EventTable, X: np.ndarray, R: np.ndarray,
             z *= E
             if any_rate:
                 z += F * zr
-        e = last[j]
-        changed = np.flatnonzero(e != seen)
-        if len(changed):
-            ee = e[changed]
+        if bounds[j + 1] > bounds[j]:
+            ee = order[bounds[j]:bounds[j + 1]]
+            changed = ev.subject[ee]
             dt = (grid[j] - ev.time[ee])[:, None]
             lam = prop.lam[changed]
             Pc = P[changed]
@@ -390,9 +400,7 @@ def _observe_grid(prop: Spectral, ev: EventTable, X: np.ndarray, R: np.ndarray,
             z[:, :, changed] = (np.exp(lam * dt).T[:, None, :] * y
                                 + phi(lam, dt).T[:, None, :] * yr)
             zr[:, :, changed] = yr
-            seen[changed] = ee
-        acc = out[used, j, :]
-        acc[...] = z[0]
+        np.copyto(acc, z[0])
         for i in range(1, m):
             acc += z[i]
         out[used, j, :] = acc
