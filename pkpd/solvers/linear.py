@@ -60,18 +60,20 @@ def block_eigenvalues(A, blocks: Sequence[Sequence[int]], xp=np):
             sq = xp.sqrt(xp.maximum(q, 1e-300))
             cos_arg = xp.clip(r / (sq * sq * sq), -1.0, 1.0)
             theta = xp.arccos(cos_arg)
-            two_pi_3 = 2.0 * np.pi / 3.0
             lam[i] = -2.0 * sq * xp.cos(theta / 3.0) - a2 / 3.0
-            lam[j] = -2.0 * sq * xp.cos((theta + two_pi_3) / 3.0) - a2 / 3.0
-            lam[k] = -2.0 * sq * xp.cos((theta - two_pi_3) / 3.0) - a2 / 3.0
+            lam[j] = -2.0 * sq * xp.cos((theta + 2.0 * np.pi) / 3.0) - a2 / 3.0
+            lam[k] = -2.0 * sq * xp.cos((theta - 2.0 * np.pi) / 3.0) - a2 / 3.0
         else:
             raise ValueError(f"block of {len(b)} states has no closed-form eigenvalues")
     return xp.stack(lam, axis=-1)
 
 
-def covariants(A, lam, xp=np):
-    """Frobenius covariants P (…, n, n, n): P[..., i, :, :] = Π_{j≠i}(A − λ_j I)/(λ_i − λ_j)."""
-    n = A.shape[-1]
+def covariants(A, lam, xp=np, n: int | None = None):
+    """Frobenius covariants P (…, n, n, n): P[..., i, :, :] = Π_{j≠i}(A − λ_j I)/(λ_i − λ_j).
+
+    ``n`` (the number of states) is needed when A's shape is symbolic (PyTensor).
+    """
+    n = int(A.shape[-1]) if n is None else n
     eye = xp.eye(n)
     out = []
     for i in range(n):
