@@ -68,7 +68,8 @@ class EventTable:
     cmt: np.ndarray
     value: np.ndarray  # bolus amount or rate change
     slot: np.ndarray
-    # steady-state fields (meaningful where kind == STEADY)
+    ss_row: np.ndarray  # row of the steady-state fields below for STEADY events, else -1
+    # steady-state fields, one row per STEADY event (compact)
     ss_type: np.ndarray
     ss_mode: np.ndarray
     ss_amt: np.ndarray
@@ -199,8 +200,16 @@ def _assemble(parts, d: Doses, tepoch, repoch, n_subjects: int) -> EventTable:
     cat = {k: np.concatenate([p[k] for p in parts]) for k in keys}
     ss_cols = ("ss_type", "ss_mode", "ss_amt", "ss_rate", "ss_dur", "ss_ii", "ss_lag",
                "ss_k0", "ss_k1")
-    for c in ss_cols:
-        cat[c] = np.concatenate([p.get(c, np.zeros(len(p["rec"]))) for p in parts])
+    ss_parts = [p for p in parts if "ss_type" in p]
+    ss = {c: np.concatenate([p[c] for p in ss_parts]) if ss_parts else np.zeros(0)
+          for c in ss_cols}
+    ss_id = []
+    offset = 0
+    for p in parts:
+        k = len(p["rec"])
+        ss_id.append(np.arange(offset, offset + k) if "ss_type" in p else np.full(k, -1))
+        offset += k if "ss_type" in p else 0
+    cat["ss_row"] = np.concatenate(ss_id)
     n_rec = len(d.time)
     src, imp = cat["rec"], cat["implied"]
     subj = d.subject[src]
@@ -246,8 +255,8 @@ def _assemble(parts, d: Doses, tepoch, repoch, n_subjects: int) -> EventTable:
     # slot (a record index) implies the subject; implied events first, then by time
     order = np.lexsort((cat["sub"][idx], cat["time"][idx], 2 * slot[idx] + ~imp[idx]))
     idx = idx[order]
-    out = {k: cat[k][idx] for k in ("time", "kind", "cmt", "value", *ss_cols)}
-    return EventTable(subject=subj[idx], slot=slot[idx], **out)
+    out = {k: cat[k][idx] for k in ("time", "kind", "cmt", "value", "ss_row")}
+    return EventTable(subject=subj[idx], slot=slot[idx], **out, **ss)
 
 
 def _cumcount_by_subject(flag: np.ndarray, first: np.ndarray) -> np.ndarray:

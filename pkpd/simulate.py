@@ -161,12 +161,13 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
         A = _per_subject_matrix(model, lin.A, par_sub, cov_sub, n_sub)
         base = _per_subject(model, list(lin.c), par_sub, cov_sub, n_sub)
         prop = make_propagator(A, lin.blocks, method=method)
-        X, R = _run_linear(events, prop, x0, base)
         used = sorted({i for o in model.outputs.values() for i, x in
                        enumerate(model.state_symbols) if x in o.expr.free_symbols})
         if grid is not None and isinstance(prop, Spectral):
-            amounts = _observe_grid(prop, events, X, R, grid, n_sub, used)
+            X, R, Y, YR = _run_linear(events, prop, x0, base, modal=used)
+            amounts = _observe_grid(prop, events, Y, YR, grid, n_sub, used, n_states=len(x0[0]))
         else:
+            X, R = _run_linear(events, prop, x0, base)
             if out_event is None:
                 out_event = _last_event_on_grid(events, grid, n_sub).T.reshape(-1)
             amounts = _observe(prop, events, X, R, out_subject, out_time, out_event, used).T
@@ -211,28 +212,43 @@ def _rhs(model: Model, par, cov):
     return rhs
 
 
-def _run_linear(ev: EventTable, prop: Spectral | Expm, x0: np.ndarray,
-                base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _run_linear(ev: EventTable, prop: Spectral | Expm, x0: np.ndarray, base: np.ndarray,
+                modal: Sequence[int] | None = None) -> tuple[np.ndarray, ...]:
     """Amounts and input rates just after each event: one step per event index, all subjects
-    at once (in the propagator's coordinates: modal for the closed form)."""
+    at once (in the propagator's coordinates: modal for the closed form).
+
+    With ``modal`` (closed form only) also returns the modal coordinates of those states
+    after each event, (n_events, modes, len(modal)), for amounts and for rates.
+    """
     n_sub, n = x0.shape
     bounds = np.searchsorted(ev.subject, np.arange(n_sub + 1))
     count = np.diff(bounds)
     X = np.empty((len(ev), n))
-    R = np.empty((len(ev), n))
+    R = np.zeros((len(ev), n))
     everyone = np.arange(n_sub)
     s0, sbase = prop.coords(x0, everyone), prop.coords(base, everyone)
     s, sr = s0.copy(), sbase.copy()
     t = np.zeros(n_sub)
+    if modal is not None:
+        Y = np.empty((len(ev), s.shape[1], len(modal)))
+        YR = np.zeros_like(Y)
+    # without infusions or constant inputs the rate terms are skipped altogether
+    rates = bool(np.any(base != 0) or np.any(ev.kind == RATE) or np.any(
+        ev.ss_type == SS_INFUSION))
     for step in range(int(count.max(initial=0))):
-        sidx = np.flatnonzero(count > step)
+        active = count > step
+        everyone_active = bool(active.all())
+        sidx = everyone if everyone_active else np.flatnonzero(active)
         e = bounds[sidx] + step
         kind = ev.kind[e]
         dt = np.where(kind == RESET, 0.0, ev.time[e] - t[sidx])
-        srs = sr[sidx]
-        ss = prop.advance(s[sidx], srs, dt, sidx)
-        m = kind == RESET
-        ss[m], srs[m] = s0[sidx[m]], sbase[sidx[m]]
+        srs = (sr if everyone_active else sr[sidx]) if rates else None
+        ss = prop.advance(s if everyone_active else s[sidx], srs, dt, sidx)
+        m = np.flatnonzero(kind == RESET)
+        if len(m):
+            ss[m] = s0[sidx[m]]
+            if rates:
+                srs[m] = sbase[sidx[m]]
         m = np.flatnonzero(kind == BOLUS)
         if len(m):
             ss[m] += _scale(ev.value[e[m]], prop.unit(sidx[m], ev.cmt[e[m]]))
@@ -242,13 +258,31 @@ def _run_linear(ev: EventTable, prop: Spectral | Expm, x0: np.ndarray,
         m = np.flatnonzero(kind == STEADY)
         if len(m):
             xss, on = _steady_state(prop, ev, e[m], sidx[m], n, base[sidx[m]])
-            reset = ev.ss_mode[e[m]] == 1
+            reset = ev.ss_mode[ev.ss_row[e[m]]] == 1
             cs = prop.coords(xss, sidx[m])
             ss[m] = np.where(_expand(reset, cs), cs, ss[m] + cs)
-            srs[m] = np.where(_expand(reset, cs), sbase[sidx[m]], srs[m])
-            srs[m] += _scale(on * ev.ss_rate[e[m]], prop.unit(sidx[m], ev.cmt[e[m]]))
-        s[sidx], sr[sidx], t[sidx] = ss, srs, ev.time[e]
-        X[e], R[e] = prop.amounts(ss), prop.amounts(srs)
+            if rates:
+                srs[m] = np.where(_expand(reset, cs), sbase[sidx[m]], srs[m])
+                srs[m] += _scale(on * ev.ss_rate[ev.ss_row[e[m]]],
+                                 prop.unit(sidx[m], ev.cmt[e[m]]))
+        if everyone_active:
+            s = ss
+        else:
+            s[sidx] = ss
+        t[sidx] = ev.time[e]
+        X[e] = prop.amounts(ss)
+        if modal is not None:
+            Y[e] = ss[:, :, modal]
+        if rates:
+            if everyone_active:
+                sr = srs
+            else:
+                sr[sidx] = srs
+            R[e] = prop.amounts(srs)
+            if modal is not None:
+                YR[e] = srs[:, :, modal]
+    if modal is not None:
+        return X, R, Y, YR
     return X, R
 
 
@@ -273,9 +307,10 @@ def _steady_state(prop, ev: EventTable, e: np.ndarray, sidx: np.ndarray, n: int,
     idx = np.arange(k)
     unit = np.zeros((k, n))
     unit[idx, ev.cmt[e]] = 1.0
-    typ, ii, lag, dur = ev.ss_type[e], ev.ss_ii[e], ev.ss_lag[e], ev.ss_dur[e]
-    k0, k1 = ev.ss_k0[e].astype(int), ev.ss_k1[e].astype(int)
-    rate = ev.ss_rate[e][:, None] * unit
+    row = ev.ss_row[e]
+    typ, ii, lag, dur = ev.ss_type[row], ev.ss_ii[row], ev.ss_lag[row], ev.ss_dur[row]
+    k0, k1 = ev.ss_k0[row].astype(int), ev.ss_k1[row].astype(int)
+    rate = ev.ss_rate[row][:, None] * unit
     x = np.zeros((k, n))
 
     def mv(Mat, v):
@@ -284,7 +319,7 @@ def _steady_state(prop, ev: EventTable, e: np.ndarray, sidx: np.ndarray, n: int,
     b = typ == SS_BOLUS
     if b.any():
         M, _ = prop.transition(k0[b] * ii[b] - lag[b], sidx[b])
-        x[b] = mv(M, mv(prop.geometric(ii[b], sidx[b]), ev.ss_amt[e][b, None] * unit[b]))
+        x[b] = mv(M, mv(prop.geometric(ii[b], sidx[b]), ev.ss_amt[row][b, None] * unit[b]))
     f = typ == SS_INFUSION
     if f.any():
         _, N = prop.transition(dur[f], sidx[f])
@@ -298,7 +333,7 @@ def _steady_state(prop, ev: EventTable, e: np.ndarray, sidx: np.ndarray, n: int,
     c = typ == SS_CONSTANT
     if c.any():
         x[c] = mv(prop.neg_inverse(sidx[c]), rate[c])
-    has_base = np.any(base != 0, axis=1) & (ev.ss_mode[e] == 1)
+    has_base = np.any(base != 0, axis=1) & (ev.ss_mode[row] == 1)
     if has_base.any():
         x[has_base] += mv(prop.neg_inverse(sidx[has_base]), base[has_base])
     on = np.where(f, k1 - k0, 0)
@@ -347,17 +382,19 @@ def _observe(prop, ev: EventTable, X: np.ndarray, R: np.ndarray, subj: np.ndarra
     return out
 
 
-def _observe_grid(prop: Spectral, ev: EventTable, X: np.ndarray, R: np.ndarray,
-                  grid: np.ndarray, n_sub: int, used: Sequence[int]) -> np.ndarray:
+def _observe_grid(prop: Spectral, ev: EventTable, Y: np.ndarray, YR: np.ndarray,
+                  grid: np.ndarray, n_sub: int, used: Sequence[int],
+                  n_states: int) -> np.ndarray:
     """Amounts (n_states, T, n_sub) on a time grid shared by all subjects, stepping along it.
 
     Between events each mode decays by e^{λ·h} per grid step h (computed once per distinct
     step), so the cost is O(T × n_sub × modes) multiplications and no exponentials per
     output. An event at a grid time is included in that output. States the outputs do not
-    read are left unset.
+    read are left unset. ``Y``/``YR`` are the modal coordinates of the ``used`` states after
+    each event (amounts and input rates).
     """
     T = len(grid)
-    out = np.empty((X.shape[1], T, n_sub))
+    out = np.empty((n_states, T, n_sub))
     used = list(used)
     if not used:
         return out
@@ -373,13 +410,13 @@ def _observe_grid(prop: Spectral, ev: EventTable, X: np.ndarray, R: np.ndarray,
     if bounds[1] - bounds[0] != n_sub or np.any(ev.time[order[:bounds[1]]] > grid[0]):
         raise ValueError("every subject needs a record at or before the first output time")
     lam_t = np.ascontiguousarray(prop.lam.T)  # (modes, n_sub)
-    P = prop.P[:, :, used, :]
     m, u = lam_t.shape[0], len(used)
     z = np.zeros((m, u, n_sub))  # modal amounts of the used states
     zr = np.zeros_like(z)  # modal input rates
-    any_rate = bool(np.any(R != 0))
+    any_rate = bool(np.any(YR != 0))
     steps: dict[float, tuple[np.ndarray, np.ndarray]] = {}
-    acc = np.empty((u, n_sub))
+    contiguous = used == list(range(used[0], used[-1] + 1))
+    block = slice(used[0], used[-1] + 1) if contiguous else None
     for j in range(T):
         if j:
             h = float(grid[j] - grid[j - 1])
@@ -394,16 +431,17 @@ def _observe_grid(prop: Spectral, ev: EventTable, X: np.ndarray, R: np.ndarray,
             changed = ev.subject[ee]
             dt = (grid[j] - ev.time[ee])[:, None]
             lam = prop.lam[changed]
-            Pc = P[changed]
-            yr = np.einsum("kiab,kb->iak", Pc, R[ee])
-            y = np.einsum("kiab,kb->iak", Pc, X[ee])
-            z[:, :, changed] = (np.exp(lam * dt).T[:, None, :] * y
-                                + phi(lam, dt).T[:, None, :] * yr)
-            zr[:, :, changed] = yr
-        np.copyto(acc, z[0])
-        for i in range(1, m):
-            acc += z[i]
-        out[used, j, :] = acc
+            y = Y[ee].transpose(1, 2, 0)  # (modes, used, k)
+            zc = np.exp(lam * dt).T[:, None, :] * y
+            if any_rate:
+                yr = YR[ee].transpose(1, 2, 0)
+                zc += phi(lam, dt).T[:, None, :] * yr
+                zr[:, :, changed] = yr
+            z[:, :, changed] = zc
+        if block is not None:
+            np.sum(z, axis=0, out=out[block, j, :])
+        else:
+            out[used, j, :] = z.sum(axis=0)
     return out
 
 

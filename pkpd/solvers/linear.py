@@ -136,12 +136,14 @@ class Spectral:
         """Coordinates of one unit of amount in state ``cmt``."""
         return self.P[sidx, :, :, cmt]
 
-    def advance(self, y: np.ndarray, yr: np.ndarray, dt: np.ndarray,
+    def advance(self, y: np.ndarray, yr: np.ndarray | None, dt: np.ndarray,
                 sidx: np.ndarray) -> np.ndarray:
-        """Modal amounts after dt with constant modal input rates yr."""
+        """Modal amounts after dt with constant modal input rates yr (None: no input)."""
         lam = self.lam[sidx]
-        return (np.exp(lam * dt[:, None])[..., None] * y
-                + phi(lam, dt[:, None])[..., None] * yr)
+        out = np.exp(lam * dt[:, None])[..., None] * y
+        if yr is not None:
+            out += phi(lam, dt[:, None])[..., None] * yr
+        return out
 
     def transition(self, dt: np.ndarray, sidx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """e^{A·dt} and ∫_0^dt e^{A s} ds for subjects ``sidx`` (each (k, n, n))."""
@@ -203,10 +205,13 @@ class Expm:
     def unit(self, sidx: np.ndarray, cmt: np.ndarray) -> np.ndarray:
         return np.eye(self.n)[cmt]
 
-    def advance(self, x: np.ndarray, r: np.ndarray, dt: np.ndarray,
+    def advance(self, x: np.ndarray, r: np.ndarray | None, dt: np.ndarray,
                 sidx: np.ndarray) -> np.ndarray:
         M, N = self.transition(dt, sidx)
-        return np.einsum("kab,kb->ka", M, x) + np.einsum("kab,kb->ka", N, r)
+        out = np.einsum("kab,kb->ka", M, x)
+        if r is not None:
+            out += np.einsum("kab,kb->ka", N, r)
+        return out
 
     def geometric(self, tau: np.ndarray, sidx: np.ndarray) -> np.ndarray:
         M, _ = self.transition(tau, sidx)

@@ -58,12 +58,13 @@ def solve_reference(
             elif kind == RATE:
                 r[c] += events.value[e]
             elif kind == STEADY:
-                xs, on = _steady_state(rhs, s, events, e, x if events.ss_mode[e] == 2 else
-                                       x0[s], n, opts)
-                x = xs
-                if events.ss_mode[e] == 1:
+                row = events.ss_row[e]
+                mode = events.ss_mode[row]
+                x, on = _steady_state(rhs, s, events, row, c, x if mode == 2 else x0[s], n,
+                                      opts)
+                if mode == 1:
                     r = np.zeros(n)
-                r[c] += on * events.ss_rate[e]
+                r[c] += on * events.ss_rate[row]
             # outputs that see this event and not the next one
             while oi < len(o_ev) and o_ev[oi] == e:
                 out[order[oi]] = _integrate(rhs, s, x, r, t, o_t[oi], opts)
@@ -80,7 +81,7 @@ def _integrate(rhs, s, x, r, t0, t1, opts) -> np.ndarray:
     return sol.y[:, -1]
 
 
-def _steady_state(rhs, s, ev: EventTable, e: int, start: np.ndarray, n: int, opts,
+def _steady_state(rhs, s, ev: EventTable, e: int, c: int, start: np.ndarray, n: int, opts,
                   max_cycles: int = 5000, tol: float = 1e-11) -> tuple[np.ndarray, int]:
     """Amounts at the SS record's time (phase 0), by repeating dosing cycles to convergence.
 
@@ -88,7 +89,7 @@ def _steady_state(rhs, s, ev: EventTable, e: int, start: np.ndarray, n: int, opt
     doses to what is there (exact for linear systems). Returns the amounts and the number of
     infusions still running at phase 0.
     """
-    c, typ = ev.cmt[e], ev.ss_type[e]
+    typ = ev.ss_type[e]  # e: row of the steady-state fields
     ii, lag, dur = ev.ss_ii[e], ev.ss_lag[e], ev.ss_dur[e]
     rate_vec = np.zeros(n)
     rate_vec[c] = ev.ss_rate[e]
