@@ -130,7 +130,10 @@ class Spectral:
 
     @staticmethod
     def amounts(y: np.ndarray) -> np.ndarray:
-        return y.sum(axis=1)
+        out = y[:, 0].copy()
+        for i in range(1, y.shape[1]):  # explicit adds: faster than a middle-axis sum
+            out += y[:, i]
+        return out
 
     def unit(self, sidx: np.ndarray, cmt: np.ndarray) -> np.ndarray:
         """Coordinates of one unit of amount in state ``cmt``."""
