@@ -77,8 +77,9 @@ def main() -> None:
     t_loop = (time.perf_counter() - t0) * args.n / args.baseline_n
     err = np.max(np.abs(cp[idx] - ref)) / np.max(np.abs(ref))
 
-    print(f"vectorised closed form : {t_fast:8.2f} s  (best of {args.repeat}: "
-          f"{', '.join(f'{t:.2f}' for t in fast)})")
+    print(f"vectorised closed form : {t_fast:8.2f} s  (best of {args.repeat}; all runs: "
+          f"{', '.join(f'{t:.2f}' for t in fast)}; the first includes page-faulting "
+          f"{cp.nbytes / 1e6:.0f} MB of output)")
     print(f"solve_ivp loop (scaled): {t_loop:8.1f} s  (timed on {args.baseline_n} subjects)")
     print(f"speed ratio            : {t_loop / t_fast:8.0f} x")
     print(f"max |difference| / max : {err:.1e}")
