@@ -438,7 +438,8 @@ def test_1cmt_oral_bateman_formula(p: dict[str, float]) -> None:
 
 
 def test_1cmt_oral_bateman_with_lag_and_f() -> None:
-    """ALAG1/F1 from a [dosing] section: C = F·D·ka/(V(ka−k))(e^{−k(t−L)} − e^{−ka(t−L)})."""
+    """ALAG1/F1 from a [dosing] section, on every ADDL copy: C(t) = Σ_k F·D·ka/(V(ka−k))
+    (e^{−k·s_k} − e^{−ka·s_k}) with s_k = max(t − k·II − L, 0)."""
     model = parse_model("""
 [model]
 name = "oral_lag_f"
@@ -460,16 +461,18 @@ F1 = "FBIO"
 [outputs]
 CP = "CENTRAL/V"
 """)
-    dose = 100.0
-    times = np.array([0.0, 0.5, 0.75, 1.0, 2.0, 5.0, 24.0])
-    df = records([{"TIME": 0, "AMT": dose, "CMT": 1}, *obs(*times)])
+    dose, ii = 100.0, 6.0
+    times = np.array([0.0, 0.5, 0.75, 1.0, 2.0, 5.0, 6.5, 6.75, 7.0, 12.7, 13.0, 24.0])
+    df = records([{"TIME": 0, "AMT": dose, "CMT": 1, "II": ii, "ADDL": 2}, *obs(*times)])
     for p in ({}, {"TLAG": 2.5, "FBIO": 0.35, "KA": 0.4}):
         q = {"CL": 4.0, "V": 35.0, "KA": 1.3, "TLAG": 0.75, "FBIO": 0.6} | p
         cp = simulate(model, df, params=p or None, method="closed-form")["CP"].to_numpy()[1:]
         k, ka = q["CL"] / q["V"], q["KA"]
-        s = np.maximum(times - q["TLAG"], 0.0)
-        expected = q["FBIO"] * dose * ka / (q["V"] * (ka - k)) * (np.exp(-k * s)
-                                                                  - np.exp(-ka * s))
+        expected = np.zeros_like(times)
+        for n in range(3):
+            s = np.maximum(times - n * ii - q["TLAG"], 0.0)
+            expected += q["FBIO"] * dose * ka / (q["V"] * (ka - k)) * (np.exp(-k * s)
+                                                                      - np.exp(-ka * s))
         np.testing.assert_allclose(cp, expected, rtol=1e-10, atol=1e-14)
         assert np.all(cp[times <= q["TLAG"]] == pytest.approx(0.0, abs=1e-14))
 
@@ -589,3 +592,39 @@ def test_closed_form_eigenvalues_match_numpy(key: str) -> None:
         got = np.sort(block_eigenvalues(A[None], lin.blocks)[0])
         want = np.sort(np.linalg.eigvals(A).real)
         np.testing.assert_allclose(got, want, rtol=1e-10, err_msg=f"{key} {p}")
+
+
+def test_reset_at_an_implied_dose_time_wipes_that_dose() -> None:
+    """Implied events (ADDL doses) at a record's time are processed before it: an EVID 3
+    reset at an ADDL dose time wipes that dose too, and an EVID 4 record then doses."""
+    p = {"CL": 4.0, "V": 20.0}
+    k, v = 0.2, 20.0
+    model = load_model("pk_1cmt_iv")
+    df = records([
+        {"TIME": 0, "AMT": 100, "CMT": 1, "II": 12, "ADDL": 3},
+        *obs(12),
+        {"TIME": 24, "EVID": 3}, *obs(24, 30),
+        {"TIME": 36, "EVID": 4, "AMT": 10, "CMT": 1, "II": 12, "ADDL": 1}, *obs(36, 48),
+    ])
+    for method in ("closed-form", "expm", "ode"):
+        cp = simulate(model, df, params=p, method=method)["CP"].to_numpy()
+        got = cp[[1, 3, 4, 6, 7]]
+        expected = [100 / v * (1 + math.exp(-12 * k)), 0.0, 0.0, 10 / v,
+                    10 / v * (1 + math.exp(-12 * k))]
+        np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-12, err_msg=method)
+
+
+def test_ss1_record_at_an_implied_dose_time_replaces_it() -> None:
+    """An SS=1 record at the time of an earlier record's ADDL dose: the implied dose comes
+    first and the SS=1 reset discards it (the profile is the pure steady state)."""
+    p = {"CL": 4.0, "V": 20.0}
+    k, v = 0.2, 20.0
+    acc = 1.0 / -math.expm1(-k * 8)
+    df = records([
+        {"TIME": 0, "AMT": 100, "CMT": 1, "II": 12, "ADDL": 3},
+        {"TIME": 24, "AMT": 30, "CMT": 1, "II": 8, "SS": 1}, *obs(24, 28),
+    ])
+    for method in ("closed-form", "expm", "ode"):
+        cp = simulate(load_model("pk_1cmt_iv"), df, params=p, method=method)["CP"].to_numpy()
+        expected = [30 / v * acc, 30 / v * acc * math.exp(-4 * k)]
+        np.testing.assert_allclose(cp[2:], expected, rtol=1e-8, err_msg=method)

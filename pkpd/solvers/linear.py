@@ -107,7 +107,8 @@ class Spectral:
 
     @staticmethod
     def well_conditioned(A: np.ndarray, blocks: Sequence[Sequence[int]]) -> bool:
-        """False when eigenvalues are complex, repeated or nearly so (use :class:`Expm`)."""
+        """False when eigenvalues are wrong, complex, repeated or nearly so (use
+        :class:`Expm`)."""
         with np.errstate(all="ignore"):
             lam = block_eigenvalues(A, blocks)
             if not np.all(np.isfinite(lam)):
@@ -118,10 +119,13 @@ class Spectral:
             gaps = np.abs(lam[:, :, None] - lam[:, None, :]) + np.eye(n) * scale[:, None, None]
             if np.any(gaps.min(axis=(1, 2)) < 1e-6 * scale):
                 return False
+            # A·P_i = λ_i·P_i holds only if λ_i is an eigenvalue (Σ λ_i P_i = A holds for any
+            # distinct λ_i, so it would not catch a wrong closed form)
             P = covariants(A, lam)
-            recon = np.einsum("si,siab->sab", lam, P)
-            err = np.abs(recon - A).max(axis=(1, 2)) / np.maximum(np.abs(A).max(axis=(1, 2)),
-                                                                  1e-300)
+            resid = np.einsum("sab,sibc->siac", A, P) - lam[:, :, None, None] * P
+            scale_a = np.maximum(np.abs(A).max(axis=(1, 2)), 1e-300)
+            size = np.maximum(np.abs(P).max(axis=(2, 3)), 1.0)
+            err = (np.abs(resid).max(axis=(2, 3)) / (scale_a[:, None] * size)).max(axis=1)
             return bool(np.all(err < 1e-9))
 
     # coordinates used while stepping through events: modal amounts P_i·x, shape (k, n, n)
