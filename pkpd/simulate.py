@@ -7,6 +7,7 @@ else, and the reference for tests, runs scipy ``solve_ivp`` through the same eve
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -120,6 +121,7 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
     first = np.r_[True, subject[1:] != subject[:-1]]
     cov_rec = {k: col[k] for k in model.covariates}
     cov_sub = {k: v[first] for k, v in cov_rec.items()}
+    _warn_time_varying(model, cov_rec, cov_sub, subject)
     ind = individual_parameters(model, cov_sub, params, eta)
     par_sub = {k: np.broadcast_to(v, (n_sub,)) for k, v in ind.params.items()}
     par_rec = {k: v[subject] for k, v in par_sub.items()}
@@ -148,12 +150,14 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
         out_time, out_subject = col["TIME"], subject
         out_event = np.searchsorted(events.slot, np.arange(len(subject)), side="right") - 1
         o_par, o_cov = par_rec, cov_rec
-    else:  # a time grid shared by all subjects
+    else:  # a time grid shared by all subjects; flat (subject-major) arrays only if needed
         grid = np.asarray(grid, dtype=float)
-        out_event = None  # made only where a generic path needs it (not the grid fast path)
-        out_subject = np.repeat(np.arange(n_sub), len(grid))
-        out_time = np.tile(grid, n_sub)
+        out_event = out_subject = out_time = None
         o_par, o_cov = par_sub, cov_sub  # broadcast against (T, n_sub)
+
+    def flat_grid():
+        last = _last_event_on_grid(events, grid, n_sub).T.reshape(-1)
+        return np.repeat(np.arange(n_sub), len(grid)), np.tile(grid, n_sub), last
 
     x0 = _per_subject(model, [c.init for c in model.compartments], par_sub, cov_sub, n_sub)
     lin = model.linear
@@ -169,13 +173,13 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
         else:
             X, R = _run_linear(events, prop, x0, base)
             if out_event is None:
-                out_event = _last_event_on_grid(events, grid, n_sub).T.reshape(-1)
+                out_subject, out_time, out_event = flat_grid()
             amounts = _observe(prop, events, X, R, out_subject, out_time, out_event, used).T
     else:
         if method in ("closed-form", "expm"):
             raise ValueError(f"{model.name}: {method} needs a linear time-invariant model")
         if out_event is None:
-            out_event = _last_event_on_grid(events, grid, n_sub).T.reshape(-1)
+            out_subject, out_time, out_event = flat_grid()
         amounts = solve_reference(_rhs(model, par_sub, cov_sub), events, x0, out_subject,
                                   out_time, out_event).T
     if grid is not None and amounts.ndim == 2:  # (n, n_sub·T) subject-major → (n, T, n_sub)
@@ -184,6 +188,20 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
 
 
 _NEEDED = ("TIME", "EVID", "AMT", "CMT", "RATE", "II", "ADDL", "SS")
+
+
+def _warn_time_varying(model: Model, cov_rec, cov_sub, subject: np.ndarray) -> None:
+    """Covariates in the covariate model, ODEs or initial amounts are taken at each subject's
+    first record (NONMEM would update them record by record): say so when they vary."""
+    structural = set().union(*(e.free_symbols for e in [*model.individual.values(),
+                                                        *model.odes.values(),
+                                                        *(c.init for c in model.compartments)]))
+    varying = [k for k in model.covariates if sp.Symbol(k, real=True) in structural
+               and np.any(cov_rec[k] != cov_sub[k][subject])]
+    if varying:
+        warnings.warn(f"{model.name}: covariate(s) {', '.join(varying)} change within a "
+                      "subject; the structural model uses each subject's first-record value",
+                      stacklevel=3)
 
 
 def _per_subject(model: Model, exprs: Sequence[sp.Expr], par, cov, n_sub: int) -> np.ndarray:

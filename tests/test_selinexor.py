@@ -75,3 +75,15 @@ def test_iiv_matches_declared_cv():
     cv = np.std(np.log(auc))
     # AUC = F·D/CL: log-AUC SD equals ω_CL (21 % CV → ω = 0.208); SE of SD ≈ ω/√(2n) = 0.0023
     assert cv == pytest.approx(np.sqrt(np.log(1 + 0.21**2)), abs=0.01)
+
+
+def test_time_varying_structural_covariate_warns_and_uses_first_record():
+    from pkpd.simulate import simulate
+
+    m = load_model("selinexor_pk")
+    df = pd.DataFrame({"ID": [1, 1, 1], "TIME": [0.0, 2.0, 24.0], "EVID": [1, 0, 0],
+                       "AMT": [80.0, 0, 0], "CMT": [1, 2, 2], "WT": [70.0, 90.0, 90.0]})
+    with pytest.warns(UserWarning, match="WT change within a subject"):
+        varying = simulate(m, df)["CP"].to_numpy()
+    constant = simulate(m, df.assign(WT=70.0))["CP"].to_numpy()
+    np.testing.assert_allclose(varying, constant, rtol=1e-12)
