@@ -401,6 +401,7 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
     head = doc["model"]
     if not isinstance(head.get("name"), str):
         raise src.error("model", "name", "expected a string name")
+    doc = _with_used_models(doc, src)
 
     # names ---------------------------------------------------------------------------
     seen: dict[str, str] = {}
@@ -531,12 +532,34 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
         raise src.error("compartments", dose_flags[1], "only one compartment can be the "
                         "default dose compartment (dose = true)")
 
+    outputs: dict[str, Output] = {}
+    osym: dict[str, sp.Symbol] = {}
+    for name, spec in doc["outputs"].items():
+        declare("outputs", name)
+        if isinstance(spec, str):
+            spec = {"expr": spec}
+        if not isinstance(spec, dict) or "expr" not in spec:
+            raise src.error("outputs", name, "expected a table with expr (and unit)")
+        extra = set(spec) - {"expr", "unit", "description"}
+        if extra:
+            raise src.error("outputs", name, f"unknown field {sorted(extra)[0]!r} "
+                            "(expected expr, unit, description)")
+        expr = subs(parse("outputs", name, spec["expr"], {**scope, **ssym, **osym},
+                          "states, parameters, covariates, derived, earlier outputs, t"))
+        expr = expr.subs({osym[k]: outputs[k].expr for k in outputs})
+        osym[name] = sp.Symbol(name, real=True)
+        outputs[name] = Output(name, expr, str(spec.get("unit", "")),
+                               str(spec.get("description", "")))
+    if not outputs:
+        raise src.error("outputs", None, "at least one output is needed")
+
     odes: dict[str, sp.Expr] = {}
     for name, text_ in doc["odes"].items():
         if name not in ssym:
             raise src.error("odes", name, "no such compartment (declare it in [compartments])")
-        odes[name] = subs(parse("odes", name, text_, {**scope, **ssym},
-                                "states, parameters, covariates, derived, t"))
+        expr = subs(parse("odes", name, text_, {**scope, **ssym, **osym},
+                          "states, parameters, covariates, derived, outputs, t"))
+        odes[name] = expr.subs({osym[k]: o.expr for k, o in outputs.items()})
     missing = [n for n, _ in cmts if n not in odes]
     if missing:
         raise src.error("compartments", missing[0], "has no equation in [odes]")
@@ -557,23 +580,6 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
         if TIME in dosing[norm].free_symbols:
             raise src.error("dosing", key, "dose parameters cannot depend on time t")
 
-    outputs: dict[str, Output] = {}
-    for name, spec in doc["outputs"].items():
-        declare("outputs", name)
-        if isinstance(spec, str):
-            spec = {"expr": spec}
-        if not isinstance(spec, dict) or "expr" not in spec:
-            raise src.error("outputs", name, "expected a table with expr (and unit)")
-        extra = set(spec) - {"expr", "unit", "description"}
-        if extra:
-            raise src.error("outputs", name, f"unknown field {sorted(extra)[0]!r} "
-                            "(expected expr, unit, description)")
-        expr = subs(parse("outputs", name, spec["expr"], {**scope, **ssym},
-                          "states, parameters, covariates, derived, t"))
-        outputs[name] = Output(name, expr, str(spec.get("unit", "")),
-                               str(spec.get("description", "")))
-    if not outputs:
-        raise src.error("outputs", None, "at least one output is needed")
 
     meta = {k: v for k, v in head.items() if k not in {"name", "description", "time_unit",
                                                         "amount_unit", "source"}}
@@ -586,6 +592,31 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
         time_unit=str(head.get("time_unit", "h")), amount_unit=str(head.get("amount_unit", "mg")),
         source=str(head.get("source", "")), path=path, meta=meta,
     )
+
+
+def _with_used_models(doc: dict, src: _Source) -> dict:
+    """Merge the models named in ``[model] uses`` (their sections first): a PD model reads
+    its PK model's states, parameters and outputs (e.g. CP) without repeating them."""
+    uses = doc["model"].get("uses", [])
+    if isinstance(uses, str):
+        uses = [uses]
+    if not isinstance(uses, list) or not all(isinstance(u, str) for u in uses):
+        raise src.error("model", "uses", f"expected a list of model names, got {uses!r}")
+    merged = {k: dict(v) for k, v in doc.items()}
+    for name in uses:
+        base_model = load_model(name)  # validates the used model, with its own locations
+        base_doc = _with_used_models(tomllib.loads(Path(base_model.path).read_text()),
+                                     _Source(base_model.path, ""))
+        for section, body in base_doc.items():
+            if section == "model":
+                continue
+            mine = merged.get(section, {})
+            for key in body:
+                if key in mine:
+                    raise src.error(section, key, f"already defined by the used model "
+                                    f"{base_model.name!r}")
+            merged[section] = {**body, **mine}
+    return merged
 
 
 def _number(v: object) -> bool:

@@ -349,7 +349,7 @@ MALFORMED = [
     ("unknown-symbol-in-ode",
      edit('CENTRAL = "KA*DEPOT - CL/V*CENTRAL"', 'CENTRAL = "KA*DEPOT - K10*CENTRAL"'),
      ", line 15, [odes] CENTRAL: unknown symbol 'K10' in 'KA*DEPOT - K10*CENTRAL' "
-     "(allowed here: states, parameters, covariates, derived, t)"),
+     "(allowed here: states, parameters, covariates, derived, outputs, t)"),
     ("ode-for-undeclared-compartment",
      edit('CENTRAL = "KA*DEPOT - CL/V*CENTRAL"\n',
           'CENTRAL = "KA*DEPOT - CL/V*CENTRAL"\nPERIPH  = "0"\n'),
@@ -474,3 +474,55 @@ def test_explicit_missing_path_does_not_fall_back_to_shipped_models(tmp_path) ->
     missing = tmp_path / "pk_1cmt_iv.toml"
     with pytest.raises(ModelError, match="no such model file"):
         load_model(missing)
+
+
+# ------------------------------------------------------------------ composition (uses)
+PD_ON_PK = """
+[model]
+name = "emax_on_pk"
+uses = ["pk_1cmt_oral"]
+
+[parameters]
+EC50 = { value = 0.5, unit = "mg/L" }
+KE0  = { value = 0.2, unit = "1/h" }
+
+[compartments]
+CE = { cmt = 3, unit = "mg/L", description = "effect site" }
+
+[odes]
+CE = "KE0*(CP - CE)"
+
+[outputs]
+EFF = { expr = "CE/(EC50 + CE)", unit = "-" }
+"""
+
+
+def test_uses_merges_the_pk_model_and_its_outputs() -> None:
+    m = parse_model(PD_ON_PK, "emax.toml")
+    assert m.states == ("DEPOT", "CENTRAL", "CE")
+    assert set(m.parameters) == {"CL", "V", "KA", "EC50", "KE0"}
+    assert set(m.outputs) == {"CP", "EFF"}
+    # CP in the effect-site ODE is replaced by the PK model's CENTRAL/V
+    assert str(m.odes["CE"]) == str(parse_model(PD_ON_PK.replace("CP - CE", "CENTRAL/V - CE"),
+                                                "x.toml").odes["CE"])
+    assert m.linear is not None  # effect compartment on linear PK stays linear
+
+
+def test_uses_rejects_a_name_clash() -> None:
+    text = PD_ON_PK.replace('KE0  = { value = 0.2, unit = "1/h" }',
+                            'KE0  = { value = 0.2, unit = "1/h" }\n'
+                            'KA = { value = 1, unit = "1/h" }')
+    with pytest.raises(ModelError) as err:
+        parse_model(text, "emax.toml")
+    assert str(err.value) == ("emax.toml, line 9, [parameters] KA: already defined by the used "
+                              "model 'pk_1cmt_oral'")
+
+
+def test_outputs_can_be_used_in_odes_and_later_outputs() -> None:
+    text = PD_ON_PK.replace('EFF = { expr = "CE/(EC50 + CE)", unit = "-" }',
+                            'EFF = { expr = "CE/(EC50 + CE)", unit = "-" }\n'
+                            'PCT = { expr = "100*EFF", unit = "%" }')
+    m = parse_model(text, "x.toml")
+    ce = sp.Symbol("CE", real=True)
+    ec50 = sp.Symbol("EC50", real=True)
+    assert sp.simplify(m.outputs["PCT"].expr - 100 * ce / (ec50 + ce)) == 0
