@@ -29,15 +29,16 @@ from .events import (
     EventTable,
     build_events,
 )
-from .model import Model
+from .model import TIME, Model
 from .regimen import Regimen
+from .solvers.dopri import Unsupported, march
 from .solvers.linear import Expm, Spectral, make_propagator, phi
 from .solvers.ode import solve_reference
 
 __all__ = ["simulate", "simulate_records", "simulate_regimen", "Individuals",
            "individual_parameters", "sample_etas"]
 
-METHODS = ("auto", "closed-form", "expm", "ode")
+METHODS = ("auto", "closed-form", "expm", "rk", "ode")
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,16 @@ def simulate(model: Model, data: Dataset | pd.DataFrame, *, params: Mapping[str,
 def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub: int, *,
                      params: Mapping[str, float] | None = None,
                      eta: Mapping[str, np.ndarray] | None = None, method: str = "auto",
-                     grid: np.ndarray | None = None,
+                     grid: np.ndarray | None = None, rtol: float = 1e-5, atol: float = 1e-8,
                      ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Amounts, state-major: (n_states, n_records), or (n_states, len(grid), n_sub) at every
     ``grid`` time of every subject.
 
     ``df`` holds the standard NONMEM columns (upper case, filled) and the model's covariates.
     Also returns individual parameters and covariates that broadcast against the outputs.
+    Methods: linear models use the closed form or the matrix exponential (exact); nonlinear
+    ones "rk" (Dormand–Prince, vectorised, ``rtol``/``atol``) unless the records need the
+    reference "ode" (scipy solve_ivp per subject; steady state, resets with time reversal).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -178,10 +182,21 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
     else:
         if method in ("closed-form", "expm"):
             raise ValueError(f"{model.name}: {method} needs a linear time-invariant model")
+        amounts = None
+        if method in ("auto", "rk"):
+            try:
+                amounts = march(_rhs_vectorised(model, par_sub, cov_sub), events, x0,
+                                grid=grid, out_subject=out_subject, out_time=out_time,
+                                out_event=out_event, rtol=rtol, atol=atol)
+            except Unsupported:
+                if method == "rk":
+                    raise
+    if amounts is None:
         if out_event is None:
             out_subject, out_time, out_event = flat_grid()
         amounts = solve_reference(_rhs(model, par_sub, cov_sub), events, x0, out_subject,
-                                  out_time, out_event).T
+                                  out_time, out_event, rtol=min(rtol, 1e-10),
+                                  atol=min(atol, 1e-12)).T
     if grid is not None and amounts.ndim == 2:  # (n, n_sub·T) subject-major → (n, T, n_sub)
         amounts = amounts.reshape(-1, n_sub, len(grid)).transpose(0, 2, 1)
     return amounts, o_par, o_cov
@@ -217,6 +232,25 @@ def _per_subject_matrix(model: Model, A: sp.Matrix, par, cov, n_sub: int) -> np.
             if A[i, j] != 0:
                 out[:, i, j] = model.compile(A[i, j])(par, cov)
     return out
+
+
+def _rhs_vectorised(model: Model, par, cov):
+    """dx/dt for all subjects at once: (t, x (n, S), r (n, S)) → (n, S).
+
+    One generated function for all equations (common subexpressions shared), called with the
+    subjects' parameter and covariate arrays bound once."""
+    args = [sp.Symbol(k, real=True) for k in (*model.parameters, *model.covariates)]
+    fn = sp.lambdify([*args, *model.state_symbols, TIME],
+                     [model.odes[s] for s in model.states], modules="numpy", cse=True)
+    consts = [par[k] for k in model.parameters] + [cov[k] for k in model.covariates]
+
+    def rhs(t: float, x: np.ndarray, r: np.ndarray) -> np.ndarray:
+        out = r.copy()
+        for i, v in enumerate(fn(*consts, *x, t)):
+            out[i] += v
+        return out
+
+    return rhs
 
 
 def _rhs(model: Model, par, cov):
