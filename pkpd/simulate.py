@@ -108,6 +108,8 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
                      params: Mapping[str, float] | None = None,
                      eta: Mapping[str, np.ndarray] | None = None, method: str = "auto",
                      grid: np.ndarray | None = None, rtol: float = 1e-5, atol: float = 1e-8,
+                     individual: Mapping[str, np.ndarray] | None = None,
+                     x_start: np.ndarray | None = None, all_states: bool = False,
                      ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Amounts, state-major: (n_states, n_records), or (n_states, len(grid), n_sub) at every
     ``grid`` time of every subject.
@@ -117,6 +119,11 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
     Methods: linear models use the closed form or the matrix exponential (exact); nonlinear
     ones "rk" (Dormand–Prince, vectorised, ``rtol``/``atol``) unless the records need the
     reference "ode" (scipy solve_ivp per subject; steady state, resets with time reversal).
+
+    For simulation in segments (e.g. dose decisions week by week): ``individual`` gives the
+    subjects' parameter values directly, ``x_start`` (n_sub, n_states) the amounts at each
+    subject's first record (instead of the model's ``init``), and ``all_states`` computes
+    every state at the outputs, not only those the outputs read.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -126,8 +133,10 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
     cov_rec = {k: col[k] for k in model.covariates}
     cov_sub = {k: v[first] for k, v in cov_rec.items()}
     _warn_time_varying(model, cov_rec, cov_sub, subject)
-    ind = individual_parameters(model, cov_sub, params, eta)
-    par_sub = {k: np.broadcast_to(v, (n_sub,)) for k, v in ind.params.items()}
+    if individual is None:
+        individual = individual_parameters(model, cov_sub, params, eta).params
+    par_sub = {k: np.broadcast_to(np.asarray(v, dtype=float), (n_sub,))
+               for k, v in individual.items()}
     par_rec = {k: v[subject] for k, v in par_sub.items()}
 
     # dose parameters of each record's compartment (Fn, ALAGn, Rn, Dn) -------------------
@@ -163,14 +172,18 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
         last = _last_event_on_grid(events, grid, n_sub).T.reshape(-1)
         return np.repeat(np.arange(n_sub), len(grid)), np.tile(grid, n_sub), last
 
-    x0 = _per_subject(model, [c.init for c in model.compartments], par_sub, cov_sub, n_sub)
+    if x_start is None:
+        x0 = _per_subject(model, [c.init for c in model.compartments], par_sub, cov_sub, n_sub)
+    else:
+        x0 = np.array(x_start, dtype=float).reshape(n_sub, model.n_states)
     lin = model.linear
     if lin is not None and method != "ode":
         A = _per_subject_matrix(model, lin.A, par_sub, cov_sub, n_sub)
         base = _per_subject(model, list(lin.c), par_sub, cov_sub, n_sub)
         prop = make_propagator(A, lin.blocks, method=method)
-        used = sorted({i for o in model.outputs.values() for i, x in
-                       enumerate(model.state_symbols) if x in o.expr.free_symbols})
+        used = list(range(model.n_states)) if all_states else sorted(
+            {i for o in model.outputs.values() for i, x in enumerate(model.state_symbols)
+             if x in o.expr.free_symbols})
         if grid is not None and isinstance(prop, Spectral):
             X, R, Y, YR = _run_linear(events, prop, x0, base, modal=used)
             amounts = _observe_grid(prop, events, Y, YR, grid, n_sub, used, n_states=len(x0[0]))
