@@ -21,3 +21,12 @@ def nmtests_dir() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return NMTESTS
+
+
+# Hypothesis: reproducible examples in CI (a failure there must be reproducible); locally
+# random as usual.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI", "").lower() == "true":
+    settings.load_profile("ci")

@@ -53,7 +53,7 @@ def test_pytensor_build_matches_numpy(name):
     batch = np.stack([A, A * 1.7, A * 0.3])
     At = pt.tensor3("A")
     lam_t = block_eigenvalues(At, blocks, xp=pt)
-    P_t = covariants(At, lam_t, xp=pt, n=len(A))
+    P_t = covariants(At, lam_t, xp=pt, n=len(A), m=len(A))
     phi_t = phi(lam_t, 3.0, xp=pt)
     f = pytensor.function([At], [lam_t, P_t, phi_t])
     lam, P, ph = f(batch)
@@ -72,3 +72,23 @@ def test_standard_models_take_the_closed_form(name):
 
     A, blocks = _A(name, CASES[name])
     assert make_propagator(np.stack([A, 2 * A]), blocks).method == "closed-form"
+
+
+def test_stiff_rates_fall_back_to_matrix_exponential():
+    """KA 41/h with a 0.003/h deep compartment: Sylvester's product formula would lose ~8
+    digits (Σ P_i = I only to 4e-9), so auto switches to expm, which keeps mass balance."""
+    from pkpd.solvers.linear import Spectral, distinct, make_propagator
+
+    CL, V2, Q3, V3, Q4, V4, KA = 1.0, np.exp(2.0), 25.0, np.exp(2.0), 1.0, np.exp(5.0), 41.43
+    A = np.zeros((5, 5))  # 3-cmt oral plus an accumulating ELIM state
+    A[0, 0], A[1, 0] = -KA, KA
+    A[1, 1], A[1, 2], A[1, 3] = -(CL + Q3 + Q4) / V2, Q3 / V3, Q4 / V4
+    A[2, 1], A[2, 2], A[3, 1], A[3, 3], A[4, 1] = Q3 / V2, -Q3 / V3, Q4 / V2, -Q4 / V4, CL / V2
+    blocks = [(0,), (1, 2, 3), (4,)]
+    P = covariants(A[None], distinct(block_eigenvalues(A[None], blocks)))[0]
+    assert np.abs(P.sum(axis=0) - np.eye(5)).max() > 1e-10
+    assert not Spectral.well_conditioned(A[None], blocks)
+    prop = make_propagator(A[None], blocks)
+    assert prop.method == "matrix-exponential"
+    M, _ = prop.transition(np.array([5.0]), np.array([0]))
+    assert M[0].sum(axis=0) == pytest.approx(np.ones(5), abs=1e-13)  # columns conserve mass

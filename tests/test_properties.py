@@ -14,12 +14,14 @@ Times, lags, II and shifts are multiples of 0.25 h, which binary floating point 
 exactly, so a dose lagged onto an observation time stays exactly on it after a shift (a
 one-ulp difference would flip the order of a bolus and an observation: a real discontinuity).
 
-Tolerances: every comparison is relative 1e-9 with an absolute floor of 1e-12 × ``scale``,
+Tolerances: every comparison is relative 1e-8 with an absolute floor of 1e-12 × ``scale``,
 where ``scale`` is the larger of the total amount dosed and the largest compared value (an
 upper bound on every amount, and on concentrations × V). The closed form is linear in the
 doses up to round-off, but values that are 0 in exact arithmetic (CENTRAL at the instant of an
 oral dose, states before a lagged dose) come out as cancellation residue ~1e-16 × scale, for
-which a relative comparison is meaningless.
+which a relative comparison is meaningless. Relative 1e-8, not 1e-9: with eigenvalues only
+1.2× apart Sylvester's formula cancels between modes of size ~1/(gap)^(m−1), and
+round-off up to 1.1e-9 was seen (mass balance, four modes).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from hypothesis import strategies as st
 from pkpd.model import MODELS_DIR, Model, load_model, parse_model
 from pkpd.simulate import simulate
 
-RTOL, ATOL_FRAC = 1e-9, 1e-12
+RTOL, ATOL_FRAC = 1e-8, 1e-12
 SETTINGS = settings(max_examples=40, deadline=None)
 GRID = 0.25  # h; exactly representable
 
@@ -273,9 +275,13 @@ def test_dose_linearity(case: Case, factor: float) -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(case=cases(ELIM), method=st.sampled_from(["closed-form", "expm"]))
+@given(case=cases(ELIM), method=st.sampled_from(["auto", "expm"]))
 def test_mass_balance_with_elim_compartment(case: Case, method: str) -> None:
-    """Sum of all amounts (ELIM included) = amount given so far, at every observation."""
+    """Sum of all amounts (ELIM included) = amount given so far, at every observation.
+
+    "auto" is the closed form except where its product formula would lose digits (rates
+    spanning > ~10⁴, see tests/test_kernels.py), where it switches to the matrix exponential.
+    """
     out = observed(case, method=method)
     expected = np.array([given_so_far(case, t) for t in sorted(case.obs_times)])
     total = out["TOTAL"].to_numpy()

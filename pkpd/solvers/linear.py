@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.linalg
 
-__all__ = ["Expm", "Spectral", "block_eigenvalues", "covariants", "phi", "make_propagator"]
+__all__ = ["Expm", "Spectral", "block_eigenvalues", "covariants", "distinct", "phi",
+           "make_propagator"]
 
 
 def block_eigenvalues(A, blocks: Sequence[Sequence[int]], xp=np):
@@ -60,25 +61,33 @@ def block_eigenvalues(A, blocks: Sequence[Sequence[int]], xp=np):
             sq = xp.sqrt(xp.maximum(q, 1e-300))
             cos_arg = xp.clip(r / (sq * sq * sq), -1.0, 1.0)
             theta = xp.arccos(cos_arg)
-            lam[i] = -2.0 * sq * xp.cos(theta / 3.0) - a2 / 3.0
-            lam[j] = -2.0 * sq * xp.cos((theta + 2.0 * np.pi) / 3.0) - a2 / 3.0
-            lam[k] = -2.0 * sq * xp.cos((theta - 2.0 * np.pi) / 3.0) - a2 / 3.0
+            roots = [-2.0 * sq * xp.cos((theta + shift) / 3.0) - a2 / 3.0
+                     for shift in (0.0, 2.0 * np.pi, -2.0 * np.pi)]
+            # arccos near ±1 (close roots) loses half the digits: two Newton steps on the
+            # characteristic polynomial restore full precision
+            for _ in range(2):
+                roots = [x - (((x + a2) * x + a1) * x + a0)
+                         / xp.where(xp.abs(d := (3.0 * x + 2.0 * a2) * x + a1) > 0, d, 1.0)
+                         for x in roots]
+            lam[i], lam[j], lam[k] = roots
         else:
             raise ValueError(f"block of {len(b)} states has no closed-form eigenvalues")
     return xp.stack(lam, axis=-1)
 
 
-def covariants(A, lam, xp=np, n: int | None = None):
-    """Frobenius covariants P (…, n, n, n): P[..., i, :, :] = Π_{j≠i}(A − λ_j I)/(λ_i − λ_j).
+def covariants(A, lam, xp=np, n: int | None = None, m: int | None = None):
+    """Frobenius covariants P (…, m, n, n): P[..., i, :, :] = Π_{j≠i}(A − λ_j I)/(λ_i − λ_j)
+    over the m distinct eigenvalues λ (Sylvester's formula; A must be diagonalisable).
 
-    ``n`` (the number of states) is needed when A's shape is symbolic (PyTensor).
+    ``n`` (states) and ``m`` (eigenvalues) are needed when shapes are symbolic (PyTensor).
     """
     n = int(A.shape[-1]) if n is None else n
+    m = int(lam.shape[-1]) if m is None else m
     eye = xp.eye(n)
     out = []
-    for i in range(n):
+    for i in range(m):
         P = None
-        for j in range(n):
+        for j in range(m):
             if j == i:
                 continue
             factor = (A - lam[..., j, None, None] * eye) / (lam[..., i] - lam[..., j])[..., None,
@@ -86,6 +95,18 @@ def covariants(A, lam, xp=np, n: int | None = None):
             P = factor if P is None else P @ factor
         out.append(eye + 0.0 * A if P is None else P)
     return xp.stack(out, axis=-3)
+
+
+def distinct(lam: np.ndarray) -> np.ndarray:
+    """Drop eigenvalue columns equal, for every subject, to an earlier column.
+
+    Repeats arise structurally, e.g. several accumulator states (cumulative hazards,
+    eliminated amount) each giving λ = 0. Sylvester's formula over the distinct values is exact
+    when A is diagonalisable, which :meth:`Spectral.well_conditioned` checks.
+    """
+    keep = [i for i in range(lam.shape[-1])
+            if not any(np.array_equal(lam[..., i], lam[..., j]) for j in range(i))]
+    return lam[..., keep]
 
 
 def phi(lam, dt, xp=np):
@@ -102,7 +123,7 @@ class Spectral:
 
     def __init__(self, A: np.ndarray, blocks: Sequence[Sequence[int]]):
         self.A = A
-        self.lam = block_eigenvalues(A, blocks)
+        self.lam = distinct(block_eigenvalues(A, blocks))
         self.P = covariants(A, self.lam)
 
     @staticmethod
@@ -110,13 +131,13 @@ class Spectral:
         """False when eigenvalues are wrong, complex, repeated or nearly so (use
         :class:`Expm`)."""
         with np.errstate(all="ignore"):
-            lam = block_eigenvalues(A, blocks)
+            lam = distinct(block_eigenvalues(A, blocks))
             if not np.all(np.isfinite(lam)):
                 return False
             # complex pairs appear as clipped arccos/negative discriminants: check residual
-            n = A.shape[-1]
+            m = lam.shape[-1]
             scale = np.maximum(np.abs(lam).max(axis=-1), 1e-300)
-            gaps = np.abs(lam[:, :, None] - lam[:, None, :]) + np.eye(n) * scale[:, None, None]
+            gaps = np.abs(lam[:, :, None] - lam[:, None, :]) + np.eye(m) * scale[:, None, None]
             if np.any(gaps.min(axis=(1, 2)) < 1e-6 * scale):
                 return False
             # A·P_i = λ_i·P_i holds only if λ_i is an eigenvalue (Σ λ_i P_i = A holds for any
@@ -126,7 +147,10 @@ class Spectral:
             scale_a = np.maximum(np.abs(A).max(axis=(1, 2)), 1e-300)
             size = np.maximum(np.abs(P).max(axis=(2, 3)), 1.0)
             err = (np.abs(resid).max(axis=(2, 3)) / (scale_a[:, None] * size)).max(axis=1)
-            return bool(np.all(err < 1e-9))
+            # Σ P_i = I: the product formula loses digits when the rates span orders of
+            # magnitude (e.g. KA 40/h with a 0.003/h deep compartment); then use expm
+            identity = np.abs(P.sum(axis=1) - np.eye(A.shape[-1])).max(axis=(1, 2))
+            return bool(np.all(err < 1e-9) and np.all(identity < 1e-11))
 
     # coordinates used while stepping through events: modal amounts P_i·x, shape (k, n, n)
     def coords(self, x: np.ndarray, sidx: np.ndarray) -> np.ndarray:
