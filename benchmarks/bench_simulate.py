@@ -18,7 +18,7 @@ import numpy as np
 from scipy.integrate import solve_ivp
 
 from pkpd.model import load_model
-from pkpd.simulate import individual_parameters, sample_etas, simulate_regimen
+from pkpd.simulation import individual_parameters, sample_etas, simulate_regimen
 
 
 def scipy_loop(params: dict[str, np.ndarray], idx: np.ndarray, times: np.ndarray,

@@ -4,7 +4,7 @@ from .dataset import Dataset, DatasetError, read_nonmem, write_nonmem
 from .model import Model, ModelError, load_model, parse_model
 from .nca import nca
 from .regimen import Regimen, RegimenError
-from .simulate import simulate, simulate_regimen
+from .simulation import simulate, simulate_regimen
 
 __version__ = "0.1.0"
 

@@ -115,7 +115,7 @@ def _times(text: str | None) -> np.ndarray:
 def _simulate(args: argparse.Namespace) -> int:
     from .dataset import read_nonmem
     from .model import load_model
-    from .simulate import simulate, simulate_regimen
+    from .simulation import simulate, simulate_regimen
 
     model = load_model(args.model)
     settings = _settings(args.set)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pkpd.model import load_model
-from pkpd.simulate import simulate_regimen
+from pkpd.simulation import simulate_regimen
 
 AES = ("NAUSEA", "FATIGUE", "APPETITE", "HYPONATREMIA")
 ENDPOINTS = tuple(f"{ae}{g}" for ae in AES for g in ("", "_G3"))

@@ -106,7 +106,7 @@ def test_ka_equal_or_close_to_k_matches_reference(ka):
     """KA = CL/V (a double eigenvalue) and near it: no blow-up, 1e-6 agreement with solve_ivp."""
     import pandas as pd
 
-    from pkpd.simulate import simulate
+    from pkpd.simulation import simulate
 
     m = load_model("pk_1cmt_oral")
     df = pd.DataFrame({"ID": 1, "TIME": [0, 1, 2, 5, 10, 48], "EVID": [1, 0, 0, 0, 0, 0],

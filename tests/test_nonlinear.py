@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from pkpd.model import load_model, parse_model
-from pkpd.simulate import simulate, simulate_regimen
+from pkpd.simulation import simulate, simulate_regimen
 from pkpd.solvers.dopri import Unsupported
 
 MM = """
@@ -80,7 +80,7 @@ def test_steady_state_falls_back_to_reference():
 @pytest.mark.parametrize("name", ["selinexor_pk", "selinexor_xpo1"])
 def test_simulation_in_segments_continues_exactly(name):
     """Two weeks at once == week 1, then week 2 started from week 1's final amounts."""
-    from pkpd.simulate import individual_parameters, simulate_records
+    from pkpd.simulation import individual_parameters, simulate_records
 
     m = load_model(name)
     n = 3

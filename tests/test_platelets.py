@@ -10,7 +10,7 @@ import pytest
 import sympy as sp
 
 from pkpd.model import load_model
-from pkpd.simulate import simulate_regimen
+from pkpd.simulation import simulate_regimen
 
 DAY = 24.0
 SIX_MONTHS = np.arange(0.0, 182 * DAY + 1, DAY)  # daily, hours

@@ -7,7 +7,7 @@ import pytest
 
 from pkpd import load_model
 from pkpd.population import PROGRESSION_2Y_IMWG_2020
-from pkpd.simulate import simulate_regimen
+from pkpd.simulation import simulate_regimen
 
 T2Y = 2 * 365 * 24.0
 

@@ -36,7 +36,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pkpd.model import MODELS_DIR, Model, load_model, parse_model
-from pkpd.simulate import simulate
+from pkpd.simulation import simulate
 
 RTOL, ATOL_FRAC = 1e-8, 1e-12
 SETTINGS = settings(max_examples=40, deadline=None)

@@ -9,7 +9,7 @@ import pytest
 from pkpd.cli import main
 from pkpd.model import load_model
 from pkpd.nca import nca
-from pkpd.simulate import simulate_regimen
+from pkpd.simulation import simulate_regimen
 
 LABEL_CMAX = 680.0  # ng/mL after 80 mg (US label 12.3)
 LABEL_AUC = 5386.0  # ng·h/mL
@@ -78,7 +78,7 @@ def test_iiv_matches_declared_cv():
 
 
 def test_time_varying_structural_covariate_warns_and_uses_first_record():
-    from pkpd.simulate import simulate
+    from pkpd.simulation import simulate
 
     m = load_model("selinexor_pk")
     df = pd.DataFrame({"ID": [1, 1, 1], "TIME": [0.0, 2.0, 24.0], "EVID": [1, 0, 0],

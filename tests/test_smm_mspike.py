@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pkpd.model import load_model
-from pkpd.simulate import simulate_regimen
+from pkpd.simulation import simulate_regimen
 
 WEEK = 168.0
 YEAR = 52 * WEEK  # the regimen grid is weekly; "1 year" here is 52 weeks = 364 days

@@ -23,7 +23,7 @@ import pytest
 import sympy as sp
 
 from pkpd.model import MODELS_DIR, Model, load_model, parse_model
-from pkpd.simulate import simulate
+from pkpd.simulation import simulate
 
 # Tolerances -------------------------------------------------------------------------------
 # The ODE reference runs LSODA at rtol 1e-10 / atol 1e-12 (amounts in mg, doses ~100 mg), and

@@ -8,7 +8,7 @@ time (doses, infusion starts and ends); outputs between events come from the met
 
 Supports what regimens and ordinary datasets need: bolus and infusion doses, lag, F, ADDL,
 EVID 2/3/4 without time running backwards. Steady-state records (SS) need the reference
-solver (``pkpd.solvers.ode``), which ``pkpd.simulate`` then uses.
+solver (``pkpd.solvers.ode``), which ``pkpd.simulation`` then uses.
 """
 
 from __future__ import annotations
