@@ -184,14 +184,18 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
         used = list(range(model.n_states)) if all_states else sorted(
             {i for o in model.outputs.values() for i, x in enumerate(model.state_symbols)
              if x in o.expr.free_symbols})
-        if grid is not None and isinstance(prop, Spectral):
+        if isinstance(prop, Spectral):
             X, R, Y, YR = _run_linear(events, prop, x0, base, modal=used)
-            amounts = _observe_grid(prop, events, Y, YR, grid, n_sub, used, n_states=len(x0[0]))
         else:
             X, R = _run_linear(events, prop, x0, base)
+            Y = YR = None
+        if grid is not None and Y is not None:
+            amounts = _observe_grid(prop, events, Y, YR, grid, n_sub, used, n_states=len(x0[0]))
+        else:
             if out_event is None:
                 out_subject, out_time, out_event = flat_grid()
-            amounts = _observe(prop, events, X, R, out_subject, out_time, out_event, used).T
+            amounts = _observe(prop, events, X, R, Y, YR, out_subject, out_time, out_event,
+                               used).T
     else:
         if method in ("closed-form", "expm"):
             raise ValueError(f"{model.name}: {method} needs a linear time-invariant model")
@@ -407,41 +411,30 @@ def _steady_state(prop, ev: EventTable, e: np.ndarray, sidx: np.ndarray, n: int,
     return x, on
 
 
-def _observe(prop, ev: EventTable, X: np.ndarray, R: np.ndarray, subj: np.ndarray,
-             time: np.ndarray, last: np.ndarray, used: Sequence[int],
-             chunk: int = 500_000) -> np.ndarray:
+def _observe(prop, ev: EventTable, X: np.ndarray, R: np.ndarray, Y: np.ndarray | None,
+             YR: np.ndarray | None, subj: np.ndarray, time: np.ndarray, last: np.ndarray,
+             used: Sequence[int], chunk: int = 500_000) -> np.ndarray:
     """Amounts at output times from the state after each output's last event.
 
-    Only the states in ``used`` (those the outputs read) are computed; the others are NaN.
+    With the closed form, ``Y``/``YR`` are the modal coordinates of the ``used`` states after
+    each event (x(t) = Σ_i e^{λ_i Δt} y_i + φ(λ_i, Δt) yr_i) and only those states are
+    computed (the others are NaN); otherwise amounts ``X`` and rates ``R`` are propagated.
     """
     n = X.shape[1]
     out = np.full((len(time), n), np.nan)
     used = list(used)
     if not used:
         return out
-    if isinstance(prop, Spectral):
-        # modal components P_i·x of the needed states, per event: x(t) = Σ_i e^{λ_i Δt} y_i
-        P = prop.P[:, :, used, :]
-        Y = np.einsum("kiab,kb->kia", P[ev.subject], X)
-        active = np.flatnonzero(np.any(R != 0, axis=1))
-        YR = np.einsum("kiab,kb->kia", P[ev.subject[active]], R[active])
-        where_r = np.full(len(ev), -1)
-        where_r[active] = np.arange(len(active))
+    rates = Y is not None and bool(np.any(YR != 0))
     for a in range(0, len(time), chunk):
         sl = slice(a, a + chunk)
         e = last[sl]
         dt = time[sl] - ev.time[e]
-        if isinstance(prop, Spectral):
+        if Y is not None:
             lam = prop.lam[subj[sl]]
-            w = np.exp(lam * dt[:, None])
-            y = Y[e]
-            x = w[:, 0, None] * y[:, 0]
-            for i in range(1, w.shape[1]):
-                x += w[:, i, None] * y[:, i]
-            wr = where_r[e]
-            has = np.flatnonzero(wr >= 0)
-            if len(has):
-                x[has] += np.einsum("ki,kia->ka", phi(lam[has], dt[has, None]), YR[wr[has]])
+            x = np.einsum("ki,kia->ka", np.exp(lam * dt[:, None]), Y[e])
+            if rates:
+                x += np.einsum("ki,kia->ka", phi(lam, dt[:, None]), YR[e])
             out[sl, used] = x
         else:
             M, N = prop.transition(dt, subj[sl])

@@ -222,19 +222,6 @@ class Spectral:
         """−A^{-1} = ∫_0^∞ e^{A s} ds (steady state of a constant input)."""
         return np.einsum("ki,kiab->kab", -1.0 / self.lam[sidx], self.P[sidx])
 
-    def modal(self, x: np.ndarray) -> np.ndarray:
-        """Modal components P_i·x for every subject: (S, …, n) → (S, …, n_modes, n)."""
-        return np.einsum("siab,s...b->s...ia", self.P, x)
-
-    def observe(self, y: np.ndarray, yr: np.ndarray | None, sidx: np.ndarray,
-                dt: np.ndarray) -> np.ndarray:
-        """Amounts after dt from modal components y (k, n, n) (and modal rates yr)."""
-        lam = self.lam[sidx]
-        x = np.einsum("ki,kia->ka", np.exp(lam * dt[:, None]), y)
-        if yr is not None:
-            x += np.einsum("ki,kia->ka", phi(lam, dt[:, None]), yr)
-        return x
-
 
 class Expm:
     """Matrix-exponential propagator for any linear system (numpy/scipy)."""
