@@ -596,27 +596,53 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
 
 def _with_used_models(doc: dict, src: _Source) -> dict:
     """Merge the models named in ``[model] uses`` (their sections first): a PD model reads
-    its PK model's states, parameters and outputs (e.g. CP) without repeating them."""
+    its PK model's states, parameters and outputs (e.g. CP) without repeating them.
+
+    Used models are collected recursively and each is merged once, so two models that both
+    build on ``selinexor_xpo1`` can be used together; a name defined by two different models
+    is an error.
+    """
+    order: list[tuple[str, dict, str]] = []  # (path, own sections, model name), dependencies first
+    _collect_used(doc, src, order, set())
+    merged = {k: dict(v) for k, v in doc.items()}
+    owner: dict[tuple[str, str], str] = {}
+    base_sections: dict[str, dict] = {}
+    for _path, own, name in order:
+        for section, body in own.items():
+            if section == "model":
+                continue
+            target = base_sections.setdefault(section, {})
+            for key in body:
+                if key in target:
+                    raise src.error(section, key, f"defined by both used models "
+                                    f"{owner[(section, key)]!r} and {name!r}")
+                owner[(section, key)] = name
+            target.update(body)
+    for section, body in base_sections.items():
+        mine = merged.get(section, {})
+        for key in mine:
+            if key in body:
+                raise src.error(section, key, f"already defined by the used model "
+                                f"{owner[(section, key)]!r}")
+        merged[section] = {**body, **mine}
+    return merged
+
+
+def _collect_used(doc: dict, src: _Source, order: list, seen: set[str]) -> None:
     uses = doc["model"].get("uses", [])
     if isinstance(uses, str):
         uses = [uses]
     if not isinstance(uses, list) or not all(isinstance(u, str) for u in uses):
         raise src.error("model", "uses", f"expected a list of model names, got {uses!r}")
-    merged = {k: dict(v) for k, v in doc.items()}
     for name in uses:
         base_model = load_model(name)  # validates the used model, with its own locations
-        base_doc = _with_used_models(tomllib.loads(Path(base_model.path).read_text()),
-                                     _Source(base_model.path, ""))
-        for section, body in base_doc.items():
-            if section == "model":
-                continue
-            mine = merged.get(section, {})
-            for key in body:
-                if key in mine:
-                    raise src.error(section, key, f"already defined by the used model "
-                                    f"{base_model.name!r}")
-            merged[section] = {**body, **mine}
-    return merged
+        path = str(Path(base_model.path).resolve())
+        if path in seen:
+            continue
+        seen.add(path)
+        base_doc = tomllib.loads(Path(path).read_text())
+        _collect_used(base_doc, _Source(path, ""), order, seen)
+        order.append((path, base_doc, base_model.name))
 
 
 def _number(v: object) -> bool:

@@ -526,3 +526,40 @@ def test_outputs_can_be_used_in_odes_and_later_outputs() -> None:
     ce = sp.Symbol("CE", real=True)
     ec50 = sp.Symbol("EC50", real=True)
     assert sp.simplify(m.outputs["PCT"].expr - 100 * ce / (ec50 + ce)) == 0
+
+
+def test_uses_merges_a_shared_base_once(tmp_path) -> None:
+    """Two PD models on the same PK model can be used together (diamond)."""
+    b = """
+[model]
+name = "inh_on_pk"
+uses = ["pk_1cmt_oral"]
+[parameters]
+IC50 = { value = 1.0, unit = "mg/L" }
+KE1  = { value = 0.1, unit = "1/h" }
+[compartments]
+CE2 = { cmt = 4, unit = "mg/L" }
+[odes]
+CE2 = "KE1*(CP - CE2)"
+[outputs]
+INH = { expr = "CE2/(IC50 + CE2)", unit = "-" }
+"""
+    (tmp_path / "a.toml").write_text(PD_ON_PK)
+    (tmp_path / "b.toml").write_text(b)
+    both = f"""
+[model]
+name = "both"
+uses = ["{tmp_path / 'a.toml'}", "{tmp_path / 'b.toml'}"]
+[parameters]
+[compartments]
+[odes]
+[outputs]
+"""
+    m = parse_model(both, "both.toml")
+    assert m.states == ("DEPOT", "CENTRAL", "CE", "CE2")
+    assert {"CP", "EFF", "INH"} <= set(m.outputs)
+    clash = b.replace("IC50", "EC50")
+    (tmp_path / "b.toml").write_text(clash)
+    with pytest.raises(ModelError, match="EC50: defined by both used models 'emax_on_pk' and "
+                                         "'inh_on_pk'"):
+        parse_model(both, "both.toml")
