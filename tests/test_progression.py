@@ -14,7 +14,7 @@ T2Y = 2 * 365 * 24.0
 
 def test_lambda_values_are_the_closed_form_calibration():
     m = load_model("smm_progression")
-    kg, gamma = m.theta["KG"], m.theta["GAMMA"]
+    kg, gamma = m.theta["KG"], m.theta["GAMMA_B"]
     integral = np.expm1(gamma * kg * T2Y) / (gamma * kg)  # ∫ exp(γ·KG·t) dt over 2 years
     for group, name in (("low", "LAMBDA_LOW"), ("intermediate", "LAMBDA_INT"),
                         ("high", "LAMBDA_HIGH")):
@@ -39,7 +39,7 @@ def test_treatment_lowers_progression_through_burden():
     untreated = simulate_regimen(m, "none", t, covariates={"MAYO_FACTORS": 2})
     treated = simulate_regimen(m, "100 mg QW", t, covariates={"MAYO_FACTORS": 2})
     assert treated["P_PROG"][0, -1] < untreated["P_PROG"][0, -1]
-    # the hazard ratio at 26 weeks equals the burden ratio (GAMMA = 1)
+    # the hazard ratio at 26 weeks equals the burden ratio (GAMMA_B = 1)
     burden = simulate_regimen(m, "100 mg QW", t, covariates={"MAYO_FACTORS": 2})["TUMOR"][0]
     h_t = -np.log1p(-treated["P_PROG"][0])
     h_u = -np.log1p(-untreated["P_PROG"][0])
