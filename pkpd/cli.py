@@ -1,4 +1,4 @@
-"""Command line: ``pkpd simulate``, ``pkpd nca``, ``pkpd models``.
+"""Command line: ``pkpd simulate``, ``pkpd nca``, ``pkpd trial``, ``pkpd models``.
 
 Every error is one line on stderr (``pkpd: error: ...``) with exit status 2, and no output
 file is written (results go to a temporary file that is renamed when complete).
@@ -74,6 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--time-unit", default="h", help="unit label for time")
     n.add_argument("--out", help="also write the table as CSV")
     n.set_defaults(run=_nca)
+
+    t = sub.add_parser("trial", help="simulate a virtual SMM trial of a selinexor regimen",
+                       description="Simulate SMM patients on a regimen with the label's dose "
+                       "modification; write patients.csv, summary.csv and figures to --out.")
+    t.add_argument("--regimen", required=True, help='e.g. "40 mg QW", "80 mg BIW", "none"')
+    t.add_argument("--risk", default="intermediate,high",
+                   help="risk groups, comma-separated (low, intermediate, high)")
+    t.add_argument("--n", type=int, default=2000, help="number of patients")
+    t.add_argument("--years", type=float, default=2.0, help="follow-up in years")
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--population", default="smm", choices=["smm", "rrmm"],
+                   help="platelet baseline: smoldering (normal) or relapsed/refractory MM")
+    t.add_argument("--out", required=True, help="output directory")
+    t.set_defaults(run=_trial)
 
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(run=_models)
@@ -215,6 +229,100 @@ def _nca(args: argparse.Namespace) -> int:
     if args.out:
         atomic_write_csv(table, args.out)
     return 0
+
+
+def _trial(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import tempfile
+
+    from .population import PopulationError, _groups
+    from .trial import dose_ladder, run_trial
+
+    if args.n < 1:
+        raise CliError(f"--n must be >= 1, got {args.n}")
+    try:
+        _groups(args.risk)
+    except PopulationError as exc:
+        raise CliError(f"--risk: {exc}") from None
+    dose_ladder(args.regimen)  # a bad regimen fails here, before any work
+    out = Path(args.out)
+    parent = out.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (
+            out.exists() and (not out.is_dir() or not os.access(out, os.W_OK))):
+        raise CliError(f"cannot write to {out}: not a writable directory")
+    started = time.perf_counter()
+
+    def progress(week: int, total: int) -> None:
+        if week % 13 == 0 or week == total:
+            print(f"pkpd trial: week {week}/{total} ({time.perf_counter() - started:.0f} s)",
+                  file=sys.stderr)
+
+    res = run_trial(args.regimen, risk=args.risk, n=args.n, years=args.years, seed=args.seed,
+                    population=args.population, progress=progress)
+    tmp = Path(tempfile.mkdtemp(prefix=".pkpd-trial-", dir=parent))
+    try:
+        res.patients.to_csv(tmp / "patients.csv", index=False)
+        res.summary.to_csv(tmp / "summary.csv", index=False)
+        _trial_plots(res, args.regimen, tmp)
+        out.mkdir(exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"pkpd: wrote {out}/patients.csv, summary.csv and figures ({args.n} patients, "
+          f"{time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _trial_plots(res, regimen: str, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .endpoints import kaplan_meier
+
+    p = res.patients
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, group in enumerate(["all", "low", "intermediate", "high"]):
+        d = p if group == "all" else p[p["RISK"] == group]
+        if len(d) == 0 or (group != "all" and d["RISK"].nunique() == p["RISK"].nunique()):
+            continue
+        km = kaplan_meier(d["TTP_DAYS"].to_numpy() / 30.44, d["PROGRESSED"].to_numpy())
+        ax.step(km["TIME"], 1 - km["SURVIVAL"], where="post", color=f"C{i}",
+                label=f"{group} (n = {len(d)})")
+        ax.fill_between(km["TIME"], 1 - km["UPPER"], 1 - km["LOWER"], step="post",
+                        color=f"C{i}", alpha=0.15)
+    ax.set_xlabel("Time (months)")
+    ax.set_ylabel("Cumulative progression to myeloma")
+    ax.set_title(f"Progression, {regimen}")
+    ax.set_ylim(0, 1)
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "km_progression.png", dpi=120)
+    plt.close(fig)
+    weeks = res.weeks / WEEK_H
+    for name, values, unit, fname in (("M-spike", res.mspike, "g/dL", "mspike_bands.png"),
+                                      ("Platelets (weekly minimum)", res.platelets, "10⁹/L",
+                                       "platelets_bands.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        lo, q1, med, q3, hi = np.percentile(values, [5, 25, 50, 75, 95], axis=0)
+        ax.fill_between(weeks, lo, hi, alpha=0.2, color="C0", label="5th–95th percentile")
+        ax.fill_between(weeks, q1, q3, alpha=0.35, color="C0", label="25th–75th percentile")
+        ax.plot(weeks, med, color="C0", label="median")
+        ax.set_xlabel("Time (weeks)")
+        ax.set_ylabel(f"{name} ({unit})")
+        ax.set_title(f"{name}, {regimen} ({len(values)} patients)")
+        ax.legend(frameon=False)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(folder / fname, dpi=120)
+        plt.close(fig)
+
+
+WEEK_H = 168.0
 
 
 def _models(args: argparse.Namespace) -> int:

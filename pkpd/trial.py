@@ -1,0 +1,215 @@
+"""Virtual SMM trial of a selinexor regimen: week-by-week simulation with the label's dose
+modification, then per-patient endpoints and a summary by risk group.
+
+The model is ``models/selinexor_smm.toml`` (PK → XPO1 → clone burden/M-spike/sFLC →
+progression and SRE hazards; platelets; adverse-event hazards). Patients come from
+:func:`pkpd.population.smm_population` (or a relapsed/refractory myeloma platelet baseline
+with ``population="rrmm"`` for calibration against the label's thrombocytopenia rates).
+
+Dose modification (label, domain.md §3.5): doses are held while platelets are < 50 × 10⁹/L
+after a grade 4 count (< 25 × 10⁹/L), then restarted one level lower; below the last level
+treatment stops. Ladders: QW 100 → 80 → 60 → 40 mg → stop; 80 mg BIW → 100 mg QW → 80 → 60
+mg QW → stop. Decisions use the daily platelet counts of the week just simulated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .endpoints import background_mortality_hazard, event_times, kaplan_meier, wilson_ci
+from .model import Model, load_model
+from .population import smm_population
+from .regimen import Regimen, RegimenError
+from .simulation import individual_parameters, sample_etas, simulate_records
+
+__all__ = ["TrialResult", "dose_ladder", "run_trial"]
+
+WEEK = 168.0
+AES = ("NAUSEA", "FATIGUE", "APPETITE", "HYPONATREMIA")
+_QW = [(100.0, (0.0,)), (80.0, (0.0,)), (60.0, (0.0,)), (40.0, (0.0,))]
+_BIW = [(80.0, (0.0, 48.0)), (100.0, (0.0,)), (80.0, (0.0,)), (60.0, (0.0,))]
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """Per-patient endpoints, summary by risk group and weekly trajectories for plots."""
+
+    patients: pd.DataFrame
+    summary: pd.DataFrame
+    weeks: np.ndarray  # h
+    mspike: np.ndarray  # (n, n_weeks + 1) g/dL
+    platelets: np.ndarray  # (n, n_weeks + 1) 10^9/L (weekly minimum)
+
+
+def dose_ladder(regimen: str) -> list[tuple[float, tuple[float, ...]]]:
+    """The label's levels (mg, dose times within the week in h) from the given regimen down;
+    empty for "none"."""
+    text = " ".join(regimen.lower().split())
+    if text == "none":
+        return []
+    reg = Regimen.parse(regimen)
+    if reg.open_ended is False:
+        raise RegimenError(f"regimen {regimen!r}: give a continuous regimen (no 'for'); the "
+                           "trial runs it for the whole follow-up")
+    times, amounts = reg.doses(until=WEEK)
+    start = (float(amounts[0]), tuple(float(t) for t in times)) if len(times) else None
+    for ladder in (_QW, _BIW):
+        if start in ladder:
+            return ladder[ladder.index(start):]
+    if start is not None and start[1] == (0.0,):  # another weekly dose: the QW ladder below it
+        return [start] + [lvl for lvl in _QW if lvl[0] < start[0]]
+    raise RegimenError(f"regimen {regimen!r}: dose modification is defined for once-weekly "
+                       "(QW) regimens and 80 mg BIW")
+
+
+def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high",
+              n: int = 2000, years: float = 2.0, seed: int = 1, population: str = "smm",
+              model: Model | str = "selinexor_smm",
+              progress: Callable[[int, int], None] | None = None) -> TrialResult:
+    """Simulate ``n`` patients on ``regimen`` for ``years``; same seed ⇒ same result."""
+    if population not in ("smm", "rrmm"):
+        raise ValueError(f"population must be 'smm' or 'rrmm', got {population!r}")
+    if years <= 0 or years > 10:
+        raise ValueError(f"years must be in (0, 10], got {years}")
+    m = load_model(model) if isinstance(model, str) else model
+    ladder = dose_ladder(regimen)
+    rng = np.random.default_rng(seed)
+    pop = smm_population(n, risk=risk, seed=int(rng.integers(2**31)))
+    # platelet baseline: SMM patients normal; relapsed/refractory myeloma lower (assumption)
+    median, logsd = (240.0, 0.20) if population == "smm" else (150.0, 0.35)
+    pop["PLT0"] = np.clip(median * np.exp(logsd * rng.standard_normal(n)), 60.0, 450.0)
+    covs = {k: pop[k].to_numpy(float) if k in pop else np.full(n, c.default)
+            for k, c in m.covariates.items()}
+    eta = sample_etas(m, n, np.random.default_rng(int(rng.integers(2**31))))
+    ind = individual_parameters(m, covs, eta=eta).params
+
+    n_weeks = int(round(years * 52))
+    states = None
+    level = np.zeros(n, int)
+    held = np.zeros(n, bool)
+    stopped = np.full(n, not ladder)
+    delivered = np.zeros(n)  # mg per patient
+    planned = ladder[0][0] * len(ladder[0][1]) * n_weeks if ladder else 0.0
+    weekly = {k: np.empty((n, n_weeks + 1)) for k in ("MSPIKE", "SFLC", "PLT")}
+    hazards = {k: np.zeros((n, n_weeks + 1)) for k in ("HPROG", "HSRE", *(
+        f"H_{a}_G3" for a in AES))}
+    plt_min = np.full(n, np.inf)
+    index = {s: i for i, s in enumerate(m.states)}
+    day = np.arange(0.0, WEEK + 1, 24.0)
+    for w in range(n_weeks):
+        t0 = w * WEEK
+        rows = [(s, t0, 2, 0.0) for s in range(n)]
+        if ladder:
+            for s in np.flatnonzero(~held & ~stopped):
+                dose, offsets = ladder[level[s]]
+                rows += [(s, t0 + o, 1, dose) for o in offsets]
+                delivered[s] += dose * len(offsets)
+        df = pd.DataFrame(rows, columns=["S", "TIME", "EVID", "AMT"]).sort_values(
+            ["S", "TIME", "EVID"], kind="stable")
+        df = df.assign(CMT=0.0, RATE=0.0, II=0.0, ADDL=0.0, SS=0.0)
+        for k, v in covs.items():
+            df[k] = v[df["S"].to_numpy()]
+        amounts, par, cov = simulate_records(m, df, df["S"].to_numpy(), n, grid=t0 + day,
+                                             individual=ind, x_start=states, all_states=True)
+        if w == 0:
+            first = dict(zip(m.states, amounts[:, 0, :], strict=True))
+            weekly["MSPIKE"][:, 0] = first["MPROT"]
+            weekly["SFLC"][:, 0] = first["FLC"]
+            weekly["PLT"][:, 0] = first["CIRC"]
+        states = amounts[:, -1, :].T.copy()
+        plt_week = amounts[index["CIRC"]].min(axis=0)
+        plt_min = np.minimum(plt_min, plt_week)
+        weekly["MSPIKE"][:, w + 1] = amounts[index["MPROT"], -1]
+        weekly["SFLC"][:, w + 1] = amounts[index["FLC"], -1]
+        weekly["PLT"][:, w + 1] = plt_week
+        for k in hazards:
+            hazards[k][:, w + 1] = amounts[index[k], -1]
+        # label: hold at grade 4 until ≥ 50, then one level lower (stop below the ladder)
+        plt_end = amounts[index["CIRC"], -1]
+        newly = ~held & ~stopped & (plt_week < 25.0)
+        held |= newly
+        resume = held & (plt_end >= 50.0) & ~newly
+        level[resume] += 1
+        stopped |= resume & (level >= len(ladder))
+        held &= ~resume
+        if progress is not None:
+            progress(w + 1, n_weeks)
+
+    weeks = np.arange(n_weeks + 1) * WEEK
+    patients = _endpoints(pop, weeks, weekly, hazards, plt_min, np.random.default_rng(
+        int(rng.integers(2**31))), years)
+    patients["DOSE_INTENSITY"] = delivered / planned if planned else 0.0
+    del par, cov
+    return TrialResult(patients, _summary(patients, years), weeks, weekly["MSPIKE"],
+                       weekly["PLT"])
+
+
+def _endpoints(pop: pd.DataFrame, weeks: np.ndarray, weekly, hazards, plt_min,
+               rng: np.random.Generator, years: float) -> pd.DataFrame:
+    n = len(pop)
+    days = weeks / 24.0
+    one_year = min(int(np.searchsorted(weeks, 52 * WEEK)), len(weeks) - 1)  # or the end
+    ttp, prog = event_times(days, hazards["HPROG"], rng)
+    mort = background_mortality_hazard(pop["AGE"].to_numpy(), pop["SEX"].to_numpy()) / 365.25
+    death_t, death = event_times(days, mort[:, None] * days[None, :], rng)
+    pfs_event = ((prog == 1) | (death == 1)).astype(int)
+    pfs_days = np.where(pfs_event == 1, np.minimum(np.where(prog == 1, ttp, np.inf),
+                                                   np.where(death == 1, death_t, np.inf)),
+                        days[-1])
+    prog = np.where((death == 1) & (death_t < ttp), 0, prog)  # death first censors TTP
+    ttp = np.where((death == 1) & (death_t < ttp), death_t, ttp)
+    sre_t, sre = event_times(days, hazards["HSRE"], rng)
+    out = pd.DataFrame({
+        "ID": pop["ID"].to_numpy(), "RISK": pop["RISK"].to_numpy(),
+        "PROGRESSED": prog, "TTP_DAYS": np.round(ttp, 3),
+        "PFS_EVENT": pfs_event, "PFS_DAYS": np.round(pfs_days, 3),
+        "MSPIKE_CHANGE_1Y": weekly["MSPIKE"][:, one_year] / weekly["MSPIKE"][:, 0] - 1,
+        "SFLC_CHANGE_1Y": weekly["SFLC"][:, one_year] / weekly["SFLC"][:, 0] - 1,
+        "SRE_1Y": ((sre == 1) & (sre_t <= 365.0)).astype(int),
+        "PLT_GRADE_MAX": np.select([plt_min < 25, plt_min < 50, plt_min < 75, plt_min < 150],
+                                   [4, 3, 2, 1], 0),
+    })
+    for ae in AES:
+        t, e = event_times(days, hazards[f"H_{ae}_G3"], rng)
+        out[f"{ae}_G3"] = ((e == 1) & (t <= 365.0)).astype(int)
+    del n, years
+    return out
+
+
+def _summary(p: pd.DataFrame, years: float) -> pd.DataFrame:
+    rows = []
+    horizon = years * 365.0
+    for group, d in [("all", p), *((g, p[p["RISK"] == g]) for g in
+                                   ("low", "intermediate", "high") if (p["RISK"] == g).any())]:
+        def rate(name: str, k: int, n: int, g: str = group) -> None:
+            lo, hi = wilson_ci(k, n)
+            rows.append({"RISK": g, "ENDPOINT": name, "N": n, "ESTIMATE": k / n,
+                         "LOWER": float(lo), "UPPER": float(hi)})
+
+        n = len(d)
+        km = kaplan_meier(d["TTP_DAYS"].to_numpy(), d["PROGRESSED"].to_numpy())
+        at = km[km["TIME"] <= horizon].iloc[-1]
+        rows.append({"RISK": group, "ENDPOINT": f"PROGRESSION_{years:g}Y_KM", "N": n,
+                     "ESTIMATE": 1 - at.SURVIVAL, "LOWER": 1 - at.UPPER,
+                     "UPPER": 1 - at.LOWER})
+        km = kaplan_meier(d["PFS_DAYS"].to_numpy(), d["PFS_EVENT"].to_numpy())
+        at = km[km["TIME"] <= 365.0].iloc[-1]
+        rows.append({"RISK": group, "ENDPOINT": "PFS_1Y_KM", "N": n, "ESTIMATE": at.SURVIVAL,
+                     "LOWER": at.LOWER, "UPPER": at.UPPER})
+        rate("PROGRESSED", int(d["PROGRESSED"].sum()), n)
+        rate("PLT_GRADE3PLUS", int((d["PLT_GRADE_MAX"] >= 3).sum()), n)
+        rate("SRE_1Y", int(d["SRE_1Y"].sum()), n)
+        for ae in AES:
+            rate(f"{ae}_G3_1Y", int(d[f"{ae}_G3"].sum()), n)
+        for col in ("MSPIKE_CHANGE_1Y", "SFLC_CHANGE_1Y"):
+            q = d[col].quantile([0.5, 0.025, 0.975]).to_numpy()
+            rows.append({"RISK": group, "ENDPOINT": f"{col}_MEDIAN", "N": n,
+                         "ESTIMATE": q[0], "LOWER": q[1], "UPPER": q[2]})
+        rows.append({"RISK": group, "ENDPOINT": "DOSE_INTENSITY", "N": n,
+                     "ESTIMATE": float(d["DOSE_INTENSITY"].mean()), "LOWER": np.nan,
+                     "UPPER": np.nan})
+    return pd.DataFrame(rows)
