@@ -113,8 +113,8 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
         df = df.assign(CMT=0.0, RATE=0.0, II=0.0, ADDL=0.0, SS=0.0)
         for k, v in covs.items():
             df[k] = v[df["S"].to_numpy()]
-        amounts, par, cov = simulate_records(m, df, df["S"].to_numpy(), n, grid=t0 + day,
-                                             individual=ind, x_start=states, all_states=True)
+        amounts, _, _ = simulate_records(m, df, df["S"].to_numpy(), n, grid=t0 + day,
+                                         individual=ind, x_start=states, all_states=True)
         if w == 0:
             first = dict(zip(m.states, amounts[:, 0, :], strict=True))
             weekly["MSPIKE"][:, 0] = first["MPROT"]
@@ -141,16 +141,14 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
 
     weeks = np.arange(n_weeks + 1) * WEEK
     patients = _endpoints(pop, weeks, weekly, hazards, plt_min, np.random.default_rng(
-        int(rng.integers(2**31))), years)
+        int(rng.integers(2**31))))
     patients["DOSE_INTENSITY"] = delivered / planned if planned else 0.0
-    del par, cov
     return TrialResult(patients, _summary(patients, years), weeks, weekly["MSPIKE"],
                        weekly["PLT"])
 
 
 def _endpoints(pop: pd.DataFrame, weeks: np.ndarray, weekly, hazards, plt_min,
-               rng: np.random.Generator, years: float) -> pd.DataFrame:
-    n = len(pop)
+               rng: np.random.Generator) -> pd.DataFrame:
     days = weeks / 24.0
     one_year = min(int(np.searchsorted(weeks, 52 * WEEK)), len(weeks) - 1)  # or the end
     ttp, prog = event_times(days, hazards["HPROG"], rng)
@@ -176,7 +174,6 @@ def _endpoints(pop: pd.DataFrame, weeks: np.ndarray, weekly, hazards, plt_min,
     for ae in AES:
         t, e = event_times(days, hazards[f"H_{ae}_G3"], rng)
         out[f"{ae}_G3"] = ((e == 1) & (t <= 365.0)).astype(int)
-    del n, years
     return out
 
 
