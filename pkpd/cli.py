@@ -169,6 +169,14 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bands(ax, t: np.ndarray, y: np.ndarray) -> None:
+    """Median with 25–75th and 5–95th percentile bands across subjects (rows of y)."""
+    lo, q1, med, q3, hi = np.percentile(y, [5, 25, 50, 75, 95], axis=0)
+    ax.fill_between(t, lo, hi, alpha=0.2, color="C0", label="5th–95th percentile")
+    ax.fill_between(t, q1, q3, alpha=0.35, color="C0", label="25th–75th percentile")
+    ax.plot(t, med, color="C0", lw=1.5, label="median")
+
+
 def _ensure_parent(path: Path) -> None:
     """Create the output's folder (like `mkdir -p`); a clear error if that is impossible."""
     try:
@@ -192,10 +200,7 @@ def _plot(model, res: dict[str, np.ndarray], times: np.ndarray, regimen: str, n:
         y = np.asarray(res[name])
         unit = model.outputs[name].unit
         if n > 1:
-            lo, q1, med, q3, hi = np.percentile(y, [5, 25, 50, 75, 95], axis=0)
-            ax.fill_between(t, lo, hi, alpha=0.2, color="C0", label="5th–95th percentile")
-            ax.fill_between(t, q1, q3, alpha=0.35, color="C0", label="25th–75th percentile")
-            ax.plot(t, med, color="C0", lw=1.5, label="median")
+            _bands(ax, t, y)
             ax.legend(loc="upper right", fontsize=8, frameon=False)
         else:
             ax.plot(t, y[0], color="C0", lw=1.5)
@@ -308,10 +313,7 @@ def _trial_plots(res, regimen: str, folder: Path) -> None:
                                       ("Platelets (weekly minimum)", res.platelets, "10⁹/L",
                                        "platelets_bands.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        lo, q1, med, q3, hi = np.percentile(values, [5, 25, 50, 75, 95], axis=0)
-        ax.fill_between(weeks, lo, hi, alpha=0.2, color="C0", label="5th–95th percentile")
-        ax.fill_between(weeks, q1, q3, alpha=0.35, color="C0", label="25th–75th percentile")
-        ax.plot(weeks, med, color="C0", label="median")
+        _bands(ax, weeks, values)
         ax.set_xlabel("Time (weeks)")
         ax.set_ylabel(f"{name} ({unit})")
         ax.set_title(f"{name}, {regimen} ({len(values)} patients)")
