@@ -241,13 +241,13 @@ def _trial(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from .population import PopulationError, _groups
+    from .population import PopulationError, parse_risk_groups
     from .trial import dose_ladder, run_trial
 
     if args.n < 1:
         raise CliError(f"--n must be >= 1, got {args.n}")
     try:
-        _groups(args.risk)
+        parse_risk_groups(args.risk)
     except PopulationError as exc:
         raise CliError(f"--risk: {exc}") from None
     dose_ladder(args.regimen)  # a bad regimen fails here, before any work

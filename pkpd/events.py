@@ -92,7 +92,7 @@ class DoseError(ValueError):
         self.record = record
 
 
-def build_events(d: Doses, n_subjects: int) -> EventTable:
+def build_events(d: Doses) -> EventTable:
     """Expand dose records (ADDL, lag, infusions, SS) into a sorted event table."""
     n = len(d.time)
     rec = np.arange(n)
@@ -192,10 +192,10 @@ def build_events(d: Doses, n_subjects: int) -> EventTable:
     add(ri, t_dose[~bol], RATE, d.cmt[ri], rate[ri], ~own[~bol], 2, pair=inf_pair)
     add(ri, t_dose[~bol] + dur[ri], RATE, d.cmt[ri], -rate[ri], np.ones(len(ri), bool), 2,
         pair=inf_pair)
-    return _assemble(parts, d, tepoch, repoch, n_subjects)
+    return _assemble(parts, d, tepoch, repoch)
 
 
-def _assemble(parts, d: Doses, tepoch, repoch, n_subjects: int) -> EventTable:
+def _assemble(parts, d: Doses, tepoch, repoch) -> EventTable:
     keys = ("rec", "time", "kind", "cmt", "value", "implied", "sub", "pair")
     cat = {k: np.concatenate([p[k] for p in parts]) for k in keys}
     ss_cols = ("ss_type", "ss_mode", "ss_amt", "ss_rate", "ss_dur", "ss_ii", "ss_lag",

@@ -279,9 +279,6 @@ class Model:
             params[k] = replace(p, value=value)
         return replace(self, parameters=params)
 
-    def __hash__(self) -> int:  # cached_property needs instances usable as keys elsewhere
-        return id(self)
-
 
 def _scc_topological(adj: list[list[int]]) -> tuple[tuple[int, ...], ...]:
     """Strongly connected components of a graph (i depends on j when adj[i] has j).

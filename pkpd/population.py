@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-__all__ = ["RISK_GROUPS", "PopulationError", "imwg_score", "mayo_factors", "risk_group",
-           "smm_population"]
+__all__ = ["RISK_GROUPS", "PopulationError", "imwg_score", "mayo_factors",
+           "parse_risk_groups", "risk_group", "smm_population"]
 
 RISK_GROUPS = ("low", "intermediate", "high")
 SHARES_IMWG_2020 = {"low": 0.38, "intermediate": 0.33, "high": 0.29}
@@ -77,7 +77,7 @@ def smm_population(n: int, *, risk: Sequence[str] | str | None = None,
     """
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
         raise PopulationError(f"n must be a positive integer, got {n!r}")
-    groups = _groups(risk)
+    groups = parse_risk_groups(risk)
     rng = np.random.default_rng(seed)
     parts, have = [], 0
     while have < n:
@@ -90,7 +90,8 @@ def smm_population(n: int, *, risk: Sequence[str] | str | None = None,
     return pop.reset_index(drop=True)
 
 
-def _groups(risk: Sequence[str] | str | None) -> list[str]:
+def parse_risk_groups(risk: Sequence[str] | str | None) -> list[str]:
+    """Risk groups from "intermediate,high" or a list (None: all); unknown names are errors."""
     if risk is None:
         return list(RISK_GROUPS)
     items = [r.strip().lower() for r in (risk.split(",") if isinstance(risk, str) else risk)]

@@ -156,7 +156,7 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
                   cmt=state, rate=col["RATE"], ii=col["II"], addl=col["ADDL"], ss=col["SS"],
                   f=dose_par["F"], lag=dose_par["ALAG"], rate_model=dose_par["R"],
                   dur_model=dose_par["D"])
-    events = build_events(doses, n_sub)
+    events = build_events(doses)
 
     # outputs: each sees the last event processed before it ----------------------------------
     if grid is None:
