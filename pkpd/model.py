@@ -207,6 +207,40 @@ class Model:
         adj = [[j for j in range(n) if jac[i, j] != 0 and i != j] for i in range(n)]
         return LinearForm(A=jac, c=c, blocks=_scc_topological(adj))
 
+    @cached_property
+    def linear_part(self) -> tuple[tuple[int, ...], LinearForm] | None:
+        """The states of a nonlinear model that form a linear time-invariant subsystem driven
+        by nothing else (typically the PK compartments), with that subsystem's LTI form; None
+        when there are none. Solvers give these states their exact solution and integrate only
+        the rest. Pure accumulators (dx/dt free of x, e.g. cumulative hazards) stay with the
+        rest: they are not stiff and would only repeat the eigenvalue 0."""
+        xs = self.state_symbols
+        f = [self.odes[s] for s in self.states]
+        lti = set()
+        for i, e in enumerate(f):
+            grads = [sp.diff(e, x) for x in xs]
+            if TIME in e.free_symbols or any(g.free_symbols & (set(xs) | {TIME})
+                                             for g in grads):
+                continue
+            lti.add(i)
+        keep = {i for i in lti if sp.diff(f[i], xs[i]) != 0}
+        while True:  # closed: every state they depend on is in the set
+            drop = {i for i in keep if any(sp.diff(f[i], xs[j]) != 0
+                                           for j in range(len(xs)) if j not in keep)}
+            if not drop:
+                break
+            keep -= drop
+        if not keep or len(keep) == len(xs):
+            return None
+        idx = tuple(sorted(keep))
+        sub = [xs[i] for i in idx]
+        fs = sp.Matrix([f[i] for i in idx])
+        jac = fs.jacobian(sp.Matrix(sub))
+        c = fs.subs({x: 0 for x in sub})
+        adj = [[j for j in range(len(idx)) if jac[i, j] != 0 and i != j]
+               for i in range(len(idx))]
+        return idx, LinearForm(A=jac, c=c, blocks=_scc_topological(adj))
+
     # -- numerics ----------------------------------------------------------------------
     @cached_property
     def _parameter_symbols(self) -> tuple[sp.Symbol, ...]:

@@ -29,9 +29,9 @@ from .events import (
     EventTable,
     build_events,
 )
-from .model import TIME, Model
+from .model import Model
 from .regimen import Regimen
-from .solvers.dopri import Unsupported, march
+from .solvers.compiled import Unsupported, integrate_events
 from .solvers.linear import Expm, Spectral, make_propagator, phi
 from .solvers.ode import solve_reference
 
@@ -117,7 +117,8 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
     ``df`` holds the standard NONMEM columns (upper case, filled) and the model's covariates.
     Also returns individual parameters and covariates that broadcast against the outputs.
     Methods: linear models use the closed form or the matrix exponential (exact); nonlinear
-    ones "rk" (Dormand–Prince, vectorised, ``rtol``/``atol``) unless the records need the
+    ones "rk" (compiled Dormand–Prince per subject, ``rtol``/``atol``, with the model's
+    linear part in closed form; :mod:`pkpd.solvers.compiled`) unless the records need the
     reference "ode" (scipy solve_ivp per subject; steady state, resets with time reversal).
 
     For simulation in segments (e.g. dose decisions week by week): ``individual`` gives the
@@ -202,9 +203,16 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
         amounts = None
         if method in ("auto", "rk"):
             try:
-                amounts = march(_rhs_vectorised(model, par_sub, cov_sub), events, x0,
-                                grid=grid, out_subject=out_subject, out_time=out_time,
-                                out_event=out_event, rtol=rtol, atol=atol)
+                if out_event is None:
+                    out_subject, out_time, out_event = flat_grid()
+                p = np.stack([par_sub[k] for k in model.parameters]
+                             + [np.broadcast_to(cov_sub[k], (n_sub,)) for k in model.covariates],
+                             axis=1) if model.parameters or model.covariates else np.zeros(
+                                 (n_sub, 0))
+                amounts = integrate_events(model, events, x0, p, out_subject, out_time,
+                                           out_event, exact=_exact_part(model, par_sub, cov_sub,
+                                                                        n_sub),
+                                           rtol=rtol, atol=atol).T
             except Unsupported:
                 if method == "rk":
                     raise
@@ -251,23 +259,21 @@ def _per_subject_matrix(model: Model, A: sp.Matrix, par, cov, n_sub: int) -> np.
     return out
 
 
-def _rhs_vectorised(model: Model, par, cov):
-    """dx/dt for all subjects at once: (t, x (n, S), r (n, S)) → (n, S).
-
-    One generated function for all equations (common subexpressions shared), called with the
-    subjects' parameter and covariate arrays bound once."""
-    args = [sp.Symbol(k, real=True) for k in (*model.parameters, *model.covariates)]
-    fn = sp.lambdify([*args, *model.state_symbols, TIME],
-                     [model.odes[s] for s in model.states], modules="numpy", cse=True)
-    consts = [par[k] for k in model.parameters] + [cov[k] for k in model.covariates]
-
-    def rhs(t: float, x: np.ndarray, r: np.ndarray) -> np.ndarray:
-        out = r.copy()
-        for i, v in enumerate(fn(*consts, *x, t)):
-            out[i] += v
-        return out
-
-    return rhs
+def _exact_part(model: Model, par, cov, n_sub: int) -> Spectral | None:
+    """Closed form of the model's linear part for these subjects (None: none, or not
+    well-conditioned for some subject; then every state is integrated)."""
+    part = model.linear_part
+    if part is None:
+        return None
+    _, lin = part
+    if not lin.closed_form:
+        return None
+    A = _per_subject_matrix(model, lin.A, par, cov, n_sub)
+    if not Spectral.well_conditioned(A, lin.blocks):
+        return None
+    prop = Spectral(A, lin.blocks)
+    prop.base = _per_subject(model, list(lin.c), par, cov, n_sub)
+    return prop
 
 
 def _rhs(model: Model, par, cov):

@@ -8,7 +8,7 @@ import pytest
 
 from pkpd.model import load_model, parse_model
 from pkpd.simulation import simulate, simulate_regimen
-from pkpd.solvers.dopri import Unsupported
+from pkpd.solvers.compiled import Unsupported
 
 MM = """
 [model]
