@@ -272,9 +272,7 @@ def _subject(s, ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds, out_t
                 out[o, i] = x[i]
             o += 1
         if failed:
-            break
-    if failed:
-        steps[s] = -1
+            return -1
     return steps
 
 
