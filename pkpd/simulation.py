@@ -29,13 +29,13 @@ from .events import (
     EventTable,
     build_events,
 )
-from .model import Model
+from .model import TIME, Model
 from .regimen import Regimen
 from .solvers.compiled import Unsupported, integrate_events
 from .solvers.linear import Expm, Spectral, make_propagator, phi
 from .solvers.ode import solve_reference
 
-__all__ = ["simulate", "simulate_records", "simulate_regimen", "Individuals",
+__all__ = ["Course", "simulate", "simulate_records", "simulate_regimen", "Individuals",
            "individual_parameters", "sample_etas"]
 
 METHODS = ("auto", "closed-form", "expm", "rk", "ode")
@@ -219,7 +219,7 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
     if amounts is None:
         if out_event is None:
             out_subject, out_time, out_event = flat_grid()
-        amounts = solve_reference(_rhs(model, par_sub, cov_sub), events, x0, out_subject,
+        amounts = solve_reference(_rhs(model, par_sub, cov_sub, n_sub), events, x0, out_subject,
                                   out_time, out_event, rtol=min(rtol, 1e-10),
                                   atol=min(atol, 1e-12)).T
     if grid is not None and amounts.ndim == 2:  # (n, n_sub·T) subject-major → (n, T, n_sub)
@@ -228,6 +228,69 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
 
 
 _NEEDED = ("TIME", "EVID", "AMT", "CMT", "RATE", "II", "ADDL", "SS")
+
+
+class Course:
+    """Subjects simulated segment by segment (e.g. week by week, with dose decisions between
+    segments) by the compiled solver, with the model, individual parameters and covariates
+    bound once. Each segment starts from the amounts the previous one ended with.
+
+    ``individual`` and ``covariates`` map names to one value per subject; ``x0`` (n, S) the
+    starting amounts (default: the model's ``init``). Doses are boluses into the model's dose
+    compartment, with its F and lag.
+    """
+
+    def __init__(self, model: Model, individual: Mapping[str, np.ndarray],
+                 covariates: Mapping[str, np.ndarray], *, x0: np.ndarray | None = None,
+                 rtol: float = 1e-5, atol: float = 1e-8):
+        n = len(next(iter(individual.values())))
+        self.model, self.n, self.rtol, self.atol = model, n, rtol, atol
+        self.par = {k: np.broadcast_to(np.asarray(v, dtype=float), (n,)) for k, v in
+                    individual.items()}
+        self.cov = {k: np.broadcast_to(np.asarray(covariates[k], dtype=float), (n,))
+                    for k in model.covariates}
+        self.p = np.stack([self.par[k] for k in model.parameters]
+                          + [self.cov[k] for k in model.covariates], axis=1)
+        self.exact = _exact_part(model, self.par, self.cov, n)
+        self.x = (_per_subject(model, [c.init for c in model.compartments], self.par, self.cov,
+                               n) if x0 is None else np.array(x0, dtype=float))
+        cmt = model.default_dose_cmt
+        dose_par = {"F": 1.0, "ALAG": 0.0}
+        for key, expr in model.dosing.items():
+            kind = key.rstrip("0123456789")
+            if kind in dose_par and int(key[len(kind):]) == cmt:
+                dose_par[kind] = model.compile(expr)(self.par, self.cov)
+        self.f = np.broadcast_to(dose_par["F"], (n,))
+        self.lag = np.broadcast_to(dose_par["ALAG"], (n,))
+        self.state = model.cmt_numbers[cmt]
+
+    def run(self, t0: float, grid: np.ndarray, subject: np.ndarray, time: np.ndarray,
+            amt: np.ndarray) -> np.ndarray:
+        """Amounts (S, len(grid), n) from ``t0`` on; doses (mg) of ``subject`` at ``time``
+        (≥ t0, sorted by subject then time; lagged doses must fall within the segment).
+        Advances the course to ``grid[-1]``."""
+        n = self.n
+        first = np.arange(n)
+        sub = np.r_[first, subject].astype(np.int64)
+        order = np.lexsort((np.r_[np.zeros(n), np.ones(len(subject))], np.r_[
+            np.full(n, t0), time], sub))
+        m = len(order)
+        is_dose = np.r_[np.zeros(n, bool), np.ones(len(subject), bool)][order]
+        sub = sub[order]
+        doses = Doses(subject=sub, time=np.r_[np.full(n, t0), time][order],
+                      evid=np.where(is_dose, 1.0, 2.0), amt=np.r_[np.zeros(n), amt][order],
+                      cmt=np.full(m, self.state), rate=np.zeros(m), ii=np.zeros(m),
+                      addl=np.zeros(m), ss=np.zeros(m), f=self.f[sub], lag=self.lag[sub],
+                      rate_model=np.full(m, np.nan), dur_model=np.full(m, np.nan))
+        events = build_events(doses)
+        grid = np.asarray(grid, dtype=float)
+        last = _last_event_on_grid(events, grid, n).T.reshape(-1)
+        out = integrate_events(self.model, events, self.x, self.p,
+                               np.repeat(first, len(grid)), np.tile(grid, n), last,
+                               exact=self.exact, rtol=self.rtol, atol=self.atol)
+        amounts = out.reshape(n, len(grid), -1).transpose(2, 1, 0)
+        self.x = amounts[:, -1, :].T.copy()
+        return amounts
 
 
 def _warn_time_varying(model: Model, cov_rec, cov_sub, subject: np.ndarray) -> None:
@@ -276,13 +339,22 @@ def _exact_part(model: Model, par, cov, n_sub: int) -> Spectral | None:
     return prop
 
 
-def _rhs(model: Model, par, cov):
-    f = model.compile(sp.Matrix([model.odes[s] for s in model.states]), states=True, time=True)
+def _rhs(model: Model, par, cov, n_sub: int):
+    """dx/dt of one subject for the reference solver: (s, t, x, r) → (S,)."""
+    args = [sp.Symbol(k, real=True) for k in (*model.parameters, *model.covariates)]
+    fn = sp.lambdify([*args, *model.state_symbols, TIME],
+                     [model.odes[k] for k in model.states], modules="math", cse=True)
+    table = np.stack([np.broadcast_to(np.asarray(par[k], dtype=float), (n_sub,))
+                      for k in model.parameters]
+                     + [np.broadcast_to(np.asarray(cov[k], dtype=float), (n_sub,))
+                        for k in model.covariates] + [np.zeros(n_sub)], axis=-1)
+    cache: dict[int, list[float]] = {}
 
     def rhs(s: int, t: float, x: np.ndarray, r: np.ndarray) -> np.ndarray:
-        p = {k: v[s] for k, v in par.items()}
-        c = {k: v[s] for k, v in cov.items()}
-        return np.asarray(f(p, c, x, t), dtype=float).reshape(-1) + r
+        vals = cache.get(s)
+        if vals is None:
+            vals = cache[s] = table[s, :-1].tolist()
+        return np.array(fn(*vals, *x.tolist(), t), dtype=float) + r
 
     return rhs
 

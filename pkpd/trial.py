@@ -24,7 +24,7 @@ from .endpoints import background_mortality_hazard, event_times, kaplan_meier, w
 from .model import Model, load_model
 from .population import smm_population
 from .regimen import Regimen, RegimenError
-from .simulation import individual_parameters, sample_etas, simulate_records
+from .simulation import Course, individual_parameters, sample_etas
 
 __all__ = ["TrialResult", "dose_ladder", "run_trial"]
 
@@ -88,7 +88,7 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
     ind = individual_parameters(m, covs, eta=eta).params
 
     n_weeks = int(round(years * 52))
-    states = None
+    course = Course(m, ind, covs, rtol=1e-4, atol=1e-8)
     level = np.zeros(n, int)
     held = np.zeros(n, bool)
     stopped = np.full(n, not ladder)
@@ -99,28 +99,25 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
         f"H_{a}_G3" for a in AES))}
     plt_min = np.full(n, np.inf)
     index = {s: i for i, s in enumerate(m.states)}
+    first = dict(zip(m.states, course.x.T, strict=True))
+    weekly["MSPIKE"][:, 0] = first["MPROT"]
+    weekly["SFLC"][:, 0] = first["FLC"]
+    weekly["PLT"][:, 0] = first["CIRC"]
     day = np.arange(0.0, WEEK + 1, 24.0)
     for w in range(n_weeks):
         t0 = w * WEEK
-        rows = [(s, t0, 2, 0.0) for s in range(n)]
+        doses = []  # (patients, time h, amount mg)
         if ladder:
-            for s in np.flatnonzero(~held & ~stopped):
-                dose, offsets = ladder[level[s]]
-                rows += [(s, t0 + o, 1, dose) for o in offsets]
-                delivered[s] += dose * len(offsets)
-        df = pd.DataFrame(rows, columns=["S", "TIME", "EVID", "AMT"]).sort_values(
-            ["S", "TIME", "EVID"], kind="stable")
-        df = df.assign(CMT=0.0, RATE=0.0, II=0.0, ADDL=0.0, SS=0.0)
-        for k, v in covs.items():
-            df[k] = v[df["S"].to_numpy()]
-        amounts, _, _ = simulate_records(m, df, df["S"].to_numpy(), n, grid=t0 + day,
-                                         individual=ind, x_start=states, all_states=True)
-        if w == 0:
-            first = dict(zip(m.states, amounts[:, 0, :], strict=True))
-            weekly["MSPIKE"][:, 0] = first["MPROT"]
-            weekly["SFLC"][:, 0] = first["FLC"]
-            weekly["PLT"][:, 0] = first["CIRC"]
-        states = amounts[:, -1, :].T.copy()
+            dosing = ~held & ~stopped
+            for lv, (dose, offsets) in enumerate(ladder):
+                who = np.flatnonzero(dosing & (level == lv))
+                doses += [(who, np.full(len(who), t0 + o), np.full(len(who), dose))
+                          for o in offsets]
+                delivered[who] += dose * len(offsets)
+        subj, times, amts = (np.concatenate([d[i] for d in doses]) if doses else np.zeros(0)
+                             for i in range(3))
+        order = np.lexsort((times, subj))
+        amounts = course.run(t0, t0 + day, subj[order].astype(int), times[order], amts[order])
         plt_week = amounts[index["CIRC"]].min(axis=0)
         plt_min = np.minimum(plt_min, plt_week)
         weekly["MSPIKE"][:, w + 1] = amounts[index["MPROT"], -1]
