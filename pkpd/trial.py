@@ -98,6 +98,7 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
     hazards = {k: np.zeros((n, n_weeks + 1)) for k in ("HPROG", "HSRE", *(
         f"H_{a}_G3" for a in AES))}
     plt_min = np.full(n, np.inf)
+    inh_sum = np.zeros(n)  # Σ daily XPO1 inhibition (fraction)
     index = {s: i for i, s in enumerate(m.states)}
     first = dict(zip(m.states, course.x.T, strict=True))
     weekly["MSPIKE"][:, 0] = first["MPROT"]
@@ -118,6 +119,8 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
                              for i in range(3))
         order = np.lexsort((times, subj))
         amounts = course.run(t0, t0 + day, subj[order].astype(int), times[order], amts[order])
+        bound = amounts[index["BOUND"], 1:]
+        inh_sum += (bound / (bound + amounts[index["XPO1"], 1:])).sum(axis=0)
         plt_week = amounts[index["CIRC"]].min(axis=0)
         plt_min = np.minimum(plt_min, plt_week)
         weekly["MSPIKE"][:, w + 1] = amounts[index["MPROT"], -1]
@@ -140,6 +143,7 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
     patients = _endpoints(pop, weeks, weekly, hazards, plt_min, np.random.default_rng(
         int(rng.integers(2**31))))
     patients["DOSE_INTENSITY"] = delivered / planned if planned else 0.0
+    patients["XPO1_INH_MEAN"] = inh_sum / (7 * n_weeks)
     return TrialResult(patients, _summary(patients, years), weeks, weekly["MSPIKE"],
                        weekly["PLT"])
 
@@ -203,6 +207,9 @@ def _summary(p: pd.DataFrame, years: float) -> pd.DataFrame:
             q = d[col].quantile([0.5, 0.025, 0.975]).to_numpy()
             rows.append({"RISK": group, "ENDPOINT": f"{col}_MEDIAN", "N": n,
                          "ESTIMATE": q[0], "LOWER": q[1], "UPPER": q[2]})
+        q = d["XPO1_INH_MEAN"].quantile([0.5, 0.025, 0.975]).to_numpy()
+        rows.append({"RISK": group, "ENDPOINT": "XPO1_INH_MEAN_MEDIAN", "N": n,
+                     "ESTIMATE": q[0], "LOWER": q[1], "UPPER": q[2]})
         rows.append({"RISK": group, "ENDPOINT": "DOSE_INTENSITY", "N": n,
                      "ESTIMATE": float(d["DOSE_INTENSITY"].mean()), "LOWER": np.nan,
                      "UPPER": np.nan})

@@ -34,7 +34,7 @@ def test_holds_lower_dose_intensity_and_columns(rrmm_biw):
     assert list(p.columns) == [
         "ID", "RISK", "PROGRESSED", "TTP_DAYS", "PFS_EVENT", "PFS_DAYS", "MSPIKE_CHANGE_1Y",
         "SFLC_CHANGE_1Y", "SRE_1Y", "PLT_GRADE_MAX", "NAUSEA_G3", "FATIGUE_G3", "APPETITE_G3",
-        "HYPONATREMIA_G3", "DOSE_INTENSITY"]
+        "HYPONATREMIA_G3", "DOSE_INTENSITY", "XPO1_INH_MEAN"]
     assert set(p["RISK"]) <= {"intermediate", "high"} and len(p) == 24
     # grade 4 platelets ⇒ a hold ⇒ less than the planned dose; others get all of it
     g4 = p["PLT_GRADE_MAX"] == 4
