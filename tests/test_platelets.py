@@ -64,8 +64,9 @@ def test_dose_ordering_of_nadir(typical):
     print("\ntypical RRMM nadir (10^9/L, day):",
           {reg: (round(float(p.min()), 1), int(p.argmin())) for reg, p in typical.items()})
     assert nadir["80 mg BIW"] < nadir["100 mg QW"] < nadir["40 mg QW"] < 150.0
-    # 80 mg BIW: typical patient borderline grade 3 (≈ 60 % of patients reach grade >= 3)
-    assert 40.0 < nadir["80 mg BIW"] < 60.0
+    # 80 mg BIW: typical patient in grade 3 (≈ 63 % of RRMM patients reach grade >= 3 in
+    # tests/test_calibration.py, so the median patient lies below 50; 38 at 6 months)
+    assert 30.0 < nadir["80 mg BIW"] < 50.0
     # 100 mg QW milder, but still grade 1-2 in the typical patient
     assert 60.0 < nadir["100 mg QW"] < 100.0
 
