@@ -14,13 +14,19 @@ mg QW → stop. Decisions use the daily platelet counts of the week just simulat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from .endpoints import background_mortality_hazard, event_times, kaplan_meier, wilson_ci
+from .endpoints import (
+    background_mortality_hazard,
+    event_times,
+    imwg_progression,
+    kaplan_meier,
+    wilson_ci,
+)
 from .model import Model, load_model
 from .population import smm_population
 from .regimen import Regimen, RegimenError
@@ -69,8 +75,14 @@ def dose_ladder(regimen: str) -> list[tuple[float, tuple[float, ...]]]:
 def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high",
               n: int = 2000, years: float = 2.0, seed: int = 1, population: str = "smm",
               model: Model | str = "selinexor_smm",
+              theta: Mapping[str, float | np.ndarray] | None = None,
               progress: Callable[[int, int], None] | None = None) -> TrialResult:
-    """Simulate ``n`` patients on ``regimen`` for ``years``; same seed ⇒ same result."""
+    """Simulate ``n`` patients on ``regimen`` for ``years``; same seed ⇒ same result (and,
+    across regimens, the same patients and random event times: common random numbers).
+
+    ``theta`` overrides typical values, one value or one per patient (e.g. parameter draws of
+    a posterior or of the model files' assumption ranges, each shared by a block of patients).
+    """
     if population not in ("smm", "rrmm"):
         raise ValueError(f"population must be 'smm' or 'rrmm', got {population!r}")
     if years <= 0 or years > 10:
@@ -85,7 +97,12 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
     covs = {k: pop[k].to_numpy(float) if k in pop else np.full(n, c.default)
             for k, c in m.covariates.items()}
     eta = sample_etas(m, n, np.random.default_rng(int(rng.integers(2**31))))
-    ind = individual_parameters(m, covs, eta=eta).params
+    if theta is not None:
+        unknown = sorted(set(theta) - set(m.parameters))
+        if unknown:
+            raise ValueError(f"{m.name}: unknown parameter(s) {', '.join(unknown)}")
+        theta = {k: np.broadcast_to(np.asarray(v, dtype=float), (n,)) for k, v in theta.items()}
+    ind = individual_parameters(m, covs, theta=theta, eta=eta).params
 
     n_weeks = int(round(years * 52))
     course = Course(m, ind, covs, rtol=1e-4, atol=1e-8)
@@ -99,6 +116,7 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
         f"H_{a}_G3" for a in AES))}
     plt_min = np.full(n, np.inf)
     inh_sum = np.zeros(n)  # Σ daily XPO1 inhibition (fraction)
+    reduced_day = np.full(n, np.nan)  # restart one level lower (or stop), days
     index = {s: i for i, s in enumerate(m.states)}
     first = dict(zip(m.states, course.x.T, strict=True))
     weekly["MSPIKE"][:, 0] = first["MPROT"]
@@ -134,6 +152,7 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
         held |= newly
         resume = held & (plt_end >= 50.0) & ~newly
         level[resume] += 1
+        reduced_day[resume & np.isnan(reduced_day)] = (w + 1) * 7.0
         stopped |= resume & (level >= len(ladder))
         held &= ~resume
         if progress is not None:
@@ -144,6 +163,12 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
         int(rng.integers(2**31))))
     patients["DOSE_INTENSITY"] = delivered / planned if planned else 0.0
     patients["XPO1_INH_MEAN"] = inh_sum / (7 * n_weeks)
+    patients["REDUCTION_DAYS"] = reduced_day
+    # IMWG biochemical progression on 4-weekly M-spike assessments (model-predicted values)
+    visits = np.arange(0, n_weeks + 1, 4)
+    bio_t, bio = imwg_progression(weeks[visits] / 24.0, weekly["MSPIKE"][:, visits])
+    patients["BIOCHEM_PROG"] = bio
+    patients["BIOCHEM_PROG_DAYS"] = bio_t
     return TrialResult(patients, _summary(patients, years), weeks, weekly["MSPIKE"],
                        weekly["PLT"])
 
@@ -199,6 +224,8 @@ def _summary(p: pd.DataFrame, years: float) -> pd.DataFrame:
         rows.append({"RISK": group, "ENDPOINT": "PFS_1Y_KM", "N": n, "ESTIMATE": at.SURVIVAL,
                      "LOWER": at.LOWER, "UPPER": at.UPPER})
         rate("PROGRESSED", int(d["PROGRESSED"].sum()), n)
+        rate("BIOCHEM_PROG", int(d["BIOCHEM_PROG"].sum()), n)
+        rate("DOSE_REDUCED", int(d["REDUCTION_DAYS"].notna().sum()), n)
         rate("PLT_GRADE3PLUS", int((d["PLT_GRADE_MAX"] >= 3).sum()), n)
         rate("SRE_1Y", int(d["SRE_1Y"].sum()), n)
         for ae in AES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -34,7 +35,8 @@ def test_holds_lower_dose_intensity_and_columns(rrmm_biw):
     assert list(p.columns) == [
         "ID", "RISK", "PROGRESSED", "TTP_DAYS", "PFS_EVENT", "PFS_DAYS", "MSPIKE_CHANGE_1Y",
         "SFLC_CHANGE_1Y", "SRE_1Y", "PLT_GRADE_MAX", "NAUSEA_G3", "FATIGUE_G3", "APPETITE_G3",
-        "HYPONATREMIA_G3", "DOSE_INTENSITY", "XPO1_INH_MEAN"]
+        "HYPONATREMIA_G3", "DOSE_INTENSITY", "XPO1_INH_MEAN", "REDUCTION_DAYS", "BIOCHEM_PROG",
+        "BIOCHEM_PROG_DAYS"]
     assert set(p["RISK"]) <= {"intermediate", "high"} and len(p) == 24
     # grade 4 platelets ⇒ a hold ⇒ less than the planned dose; others get all of it
     g4 = p["PLT_GRADE_MAX"] == 4
@@ -87,3 +89,22 @@ def test_cli_unwritable_output(tmp_path, capsys):
     target.write_text("x")
     assert main(["trial", "--regimen", "40 mg QW", "--n", "2", "--out", str(target)]) == 2
     assert "not a writable directory" in capsys.readouterr().err
+
+
+def test_theta_per_patient_equals_separate_runs():
+    """Typical values per patient (parameter draws): each block equals a run of the model
+    with those values, patient for patient (same seed ⇒ same patients and event times)."""
+    from pkpd import load_model
+
+    m = load_model("selinexor_smm")
+    kkill = np.r_[np.full(4, 2.5e-4), np.full(4, 1.0e-3)]
+    both = run_trial("100 mg QW", n=8, years=0.2, seed=9, theta={"KKILL": kkill}).patients
+    alone = run_trial("100 mg QW", n=8, years=0.2, seed=9,
+                      model=m.with_values(KKILL=1.0e-3)).patients
+    cols = ["MSPIKE_CHANGE_1Y", "SFLC_CHANGE_1Y", "XPO1_INH_MEAN"]
+    np.testing.assert_allclose(both[cols].to_numpy()[4:], alone[cols].to_numpy()[4:],
+                               rtol=1e-9)
+    assert (both["MSPIKE_CHANGE_1Y"][4:].to_numpy() < both["MSPIKE_CHANGE_1Y"][:4].to_numpy()
+            ).all()
+    with pytest.raises(ValueError, match="unknown parameter"):
+        run_trial("100 mg QW", n=2, years=0.1, theta={"KILL": 1.0})
