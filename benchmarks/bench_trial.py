@@ -56,7 +56,7 @@ def main() -> None:
     a = ap.parse_args()
     weeks = int(round(a.years * 52))
     m = load_model("selinexor_smm")
-    run_trial("100 mg QW", n=50, years=2 / 52, seed=2)  # compile/load the kernels once
+    run_trial("100 mg QW", n=300, years=2 / 52, seed=2)  # compile/load the kernels once
 
     t = time.perf_counter()
     res = run_trial("100 mg QW", n=a.n, years=a.years, seed=1)

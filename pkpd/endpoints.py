@@ -49,6 +49,9 @@ def imwg_progression(times: np.ndarray, mspike: np.ndarray, *, rise: float = 0.2
     time of the first of the two assessments, or the last time with event 0.
     """
     M = np.asarray(mspike, dtype=float)
+    times = np.asarray(times, dtype=float)
+    if M.shape[1] < 3:  # a rise needs a later assessment and its confirmation
+        return np.full(M.shape[0], times[-1]), np.zeros(M.shape[0], dtype=int)
     nadir = np.minimum.accumulate(M, axis=1)
     prev_nadir = np.concatenate([M[:, :1], nadir[:, :-1]], axis=1)
     need = np.where(prev_nadir >= high_nadir, absolute_high, absolute)
@@ -59,7 +62,7 @@ def imwg_progression(times: np.ndarray, mspike: np.ndarray, *, rise: float = 0.2
         M[:, 1:] >= prev_nadir[:, :-1] + need[:, :-1])
     event = confirmed.any(axis=1)
     j = confirmed.argmax(axis=1)
-    return np.where(event, np.asarray(times, dtype=float)[j], times[-1]), event.astype(int)
+    return np.where(event, times[j], times[-1]), event.astype(int)
 
 
 def kaplan_meier(time: np.ndarray, event: np.ndarray) -> pd.DataFrame:

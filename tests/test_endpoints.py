@@ -68,3 +68,8 @@ def test_background_mortality_doubles_every_8_years():
     h = background_mortality_hazard(np.array([65.0, 73.155]), np.array([0, 0]))
     assert h[0] == pytest.approx(0.015) and h[1] / h[0] == pytest.approx(2.0, rel=1e-3)
     assert background_mortality_hazard(65.0, 1) < background_mortality_hazard(65.0, 0)
+
+
+def test_imwg_needs_three_assessments():
+    t, e = imwg_progression(np.array([0.0, 28.0]), np.array([[1.0, 3.0], [2.0, 2.0]]))
+    assert list(e) == [0, 0] and list(t) == [28.0, 28.0]
