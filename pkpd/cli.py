@@ -1,4 +1,4 @@
-"""Command line: ``pkpd simulate``, ``pkpd nca``, ``pkpd trial``, ``pkpd models``.
+"""Command line: ``pkpd simulate``, ``pkpd nca``, ``pkpd trial``, ``pkpd fit``, ``pkpd models``.
 
 Every error is one line on stderr (``pkpd: error: ...``) with exit status 2, and no output
 file is written (results go to a temporary file that is renamed when complete).
@@ -89,8 +89,54 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output directory")
     t.set_defaults(run=_trial)
 
+    c = sub.add_parser("compare", help="compare selinexor regimens over parameter draws",
+                       description="Simulate the virtual SMM trial under each regimen for "
+                       "parameter draws from the model files' assumption ranges (--prior) or "
+                       "a fit's posterior (--fit DIR); write endpoints.csv, decision.csv, "
+                       "sensitivity.csv, figures and report.html to --out.")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prior", action="store_true", help="draw the assumption parameters "
+                     "from their stated ranges (log-uniform; uniform when lower = 0)")
+    src.add_argument("--fit", metavar="DIR", help="fit folder with posterior.nc")
+    c.add_argument("--regimen", action="append", default=None,
+                   help='repeatable, e.g. "40 mg QW" (default: 40, 60 and 100 mg QW; '
+                   'observation "none" is always added)')
+    c.add_argument("--standard", help='standard dose (default "100 mg QW" if given, else the '
+                   "highest weekly dose)")
+    c.add_argument("--risk", default="intermediate,high",
+                   help="risk groups, comma-separated (low, intermediate, high)")
+    c.add_argument("--n", type=int, default=200, help="patients per draw and regimen")
+    c.add_argument("--draws", type=int, default=50, help="parameter draws")
+    c.add_argument("--years", type=float, default=2.0, help="follow-up in years")
+    c.add_argument("--seed", type=int, default=1)
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--margin-progression", type=float, default=5.0,
+                   help="non-inferiority margin on 2-y progression, percentage points")
+    c.add_argument("--margin-ae", type=float, default=10.0,
+                   help="required reduction of any grade >= 3 AE, percentage points")
+    c.add_argument("--threshold", type=float, default=0.8,
+                   help="probability each decision metric must reach")
+    c.add_argument("--scheduler", default="local", metavar="ADDRESS",
+                   help="Dask scheduler address; 'local' (default) starts a 2-worker local "
+                   "cluster, 'serial' runs in this process")
+    c.add_argument("--no-sensitivity", action="store_true", help="skip the tornado analysis")
+    c.add_argument("--sensitivity-n", type=int, default=None,
+                   help="patients per draw in the sensitivity runs (default min(n, 30))")
+    c.add_argument("--sensitivity-draws", type=int, default=None,
+                   help="draws in the sensitivity runs (default min(draws, 10))")
+    c.set_defaults(run=_compare)
+
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(run=_models)
+
+    f = sub.add_parser("fit", help="hierarchical Bayesian population fit from a spec (TOML)",
+                       description="Fit the spec's model to its data with NUTS (nutpie) and "
+                       "write fits/<name>/: posterior.nc, summary.csv, diagnostics.json, "
+                       "predictions.csv and GOF/VPC/individual/trace plots.")
+    f.add_argument("spec", help="fit spec (TOML; format in pkpd.fitting.load_spec)")
+    f.add_argument("--out", help="results folder (default: <spec folder>/<name>/)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.set_defaults(run=_fit)
     return p
 
 
@@ -327,6 +373,83 @@ def _trial_plots(res, regimen: str, folder: Path) -> None:
 WEEK_H = 168.0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import tempfile
+
+    from .compare import compare
+    from .population import PopulationError, parse_risk_groups
+    from .report import write_report
+    from .trial import dose_ladder
+
+    for name in ("n", "draws"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("sensitivity_n", "sensitivity_draws"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if not 0 <= args.margin_progression <= 100 or not 0 <= args.margin_ae <= 100:
+        raise CliError("--margin-progression and --margin-ae are percentage points in [0, 100]")
+    if not 0 < args.threshold <= 1:
+        raise CliError(f"--threshold must be a probability in (0, 1], got {args.threshold}")
+    try:
+        parse_risk_groups(args.risk)
+    except PopulationError as exc:
+        raise CliError(f"--risk: {exc}") from None
+    regimens = args.regimen or ["40 mg QW", "60 mg QW", "100 mg QW"]
+    for r in regimens + ([args.standard] if args.standard else []):
+        try:
+            dose_ladder(r)
+        except ValueError as exc:
+            raise CliError(f"--regimen: {exc}") from None
+    if args.fit and not (Path(args.fit) / "posterior.nc").is_file():
+        raise CliError(f"--fit {args.fit}: no such fit directory with posterior.nc")
+    out = Path(args.out)
+    parent = out.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (
+            out.exists() and (not out.is_dir() or not os.access(out, os.W_OK))):
+        raise CliError(f"cannot write to {out}: not a writable directory")
+    started = time.perf_counter()
+    tty = sys.stderr.isatty()
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = "#" * round(30 * done / total)
+        end = "\n" if done == total or not tty else ""
+        start = "\r" if tty else ""
+        print(f"{start}pkpd compare: {stage:<11} [{bar:<30}] {done}/{total} blocks "
+              f"({time.perf_counter() - started:.0f} s)", end=end, file=sys.stderr, flush=True)
+
+    scheduler = None if args.scheduler == "serial" else args.scheduler
+    res = compare(regimens, source=args.fit or "prior", risk=args.risk, n=args.n,
+                  draws=args.draws, years=args.years, seed=args.seed, standard=args.standard,
+                  margin_progression=args.margin_progression / 100,
+                  margin_ae=args.margin_ae / 100, threshold=args.threshold,
+                  sensitivity=not args.no_sensitivity, sensitivity_n=args.sensitivity_n,
+                  sensitivity_draws=args.sensitivity_draws, scheduler=scheduler,
+                  progress=progress)
+    tmp = Path(tempfile.mkdtemp(prefix=".pkpd-compare-", dir=parent))
+    try:
+        write_report(res, tmp)
+        if out.exists():  # file by file, report.html last (other files in OUT are kept)
+            for f in sorted(tmp.iterdir(), key=lambda f: f.name == "report.html"):
+                os.replace(f, out / f.name)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for r in res.decision.itertuples():
+        print(f"pkpd compare: {r.LOW_DOSE} vs {r.STANDARD}: P(progression within "
+              f"{args.margin_progression:g} pts) = {r.P_PROGRESSION_NONINFERIOR:.2f}, "
+              f"P(AE lower by {args.margin_ae:g} pts) = {r.P_AE_LOWER:.2f}, P(benefit vs "
+              f"observation) = {r.P_BENEFIT_VS_OBSERVATION:.2f}: {r.DECISION}",
+              file=sys.stderr)
+    print(f"pkpd: wrote {out}/report.html ({time.perf_counter() - started:.0f} s)",
+          file=sys.stderr)
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from .model import MODELS_DIR, load_model
 
@@ -334,6 +457,23 @@ def _models(args: argparse.Namespace) -> int:
         m = load_model(f)
         kind = "linear" if m.linear is not None else "nonlinear"
         print(f"{m.name:<22} {kind:<10} {m.description}")
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .fitting import fit_spec, load_spec
+
+    spec = load_spec(args.spec)  # every spec error is raised here, before sampling
+    if args.out:
+        spec = dataclasses.replace(spec, output=Path(args.out))
+    res = fit_spec(spec, progress=not args.no_progress)
+    d = res.diagnostics()
+    print(f"pkpd: wrote {spec.output}/ ({spec.model.name}, {res.built.predictor.n_subjects} "
+          f"subjects; wall time {d['wall_time_s']:.1f} s; max R-hat {d['max_r_hat']:.3f}; "
+          f"min ESS {min(d['min_ess_bulk'], d['min_ess_tail']):.0f}; divergences "
+          f"{d['divergences']})", file=sys.stderr)
     return 0
 
 

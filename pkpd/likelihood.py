@@ -39,7 +39,7 @@ import sympy as sp
 
 from .dataset import Dataset, check_against_model, from_frame
 from .model import TIME, Model
-from .solvers.linear import block_eigenvalues, covariants, phi
+from .solvers.linear import block_eigenvalues, phi
 
 __all__ = ["LinearPredictor", "LikelihoodError", "to_pytensor"]
 
@@ -141,14 +141,47 @@ def to_pytensor(expr: sp.Expr, env: Mapping[sp.Symbol, object]):
 # --------------------------------------------------------------------------- the predictor
 
 
-@dataclass(frozen=True)
-class _Pairs:
-    """(output row, dose) pairs of one kind, flat; dose fields are per dose record."""
+def _covariant_entries(A, lam, a: int, c: int) -> list:
+    """P_i[a, c] for every mode i, with A given entrywise (lists of (S,) tensors or arrays)
+    and the eigenvalues ``lam`` as a list: Sylvester's formula as in
+    :func:`pkpd.solvers.linear.covariants`, but only row a of the matrix products, so the
+    graph is elementwise (no batched matrix products; tested equal to the shared kernel)."""
+    n = len(A)
+    out = []
+    for i in range(len(lam)):
+        row = [1.0 if b == a else 0.0 for b in range(n)]
+        for j in range(len(lam)):
+            if j == i:
+                continue
+            new = []
+            for b in range(n):
+                acc = -lam[j] * row[b] if not _is_zero(row[b]) else 0.0
+                for k in range(n):
+                    if not _is_zero(row[k]) and not _is_zero(A[k][b]):
+                        acc = acc + row[k] * A[k][b]
+                new.append(acc)
+            row = [x / (lam[i] - lam[j]) if not _is_zero(x) else 0.0 for x in new]
+        out.append(row[c] if not _is_zero(row[c]) else lam[i] * 0.0)
+    return out
 
-    out: np.ndarray       # index into the output rows
-    dose: np.ndarray      # index into the dose records
-    t: np.ndarray         # output time − dose time (without lag), h
-    ii: np.ndarray        # dosing interval (SS kinds), h
+
+def _is_zero(x) -> bool:
+    return isinstance(x, float) and x == 0.0
+
+
+@dataclass(frozen=True)
+class _Doses:
+    """Doses of one kind laid out per subject, padded: arrays (S, D) or (S, J, D)."""
+
+    rec: np.ndarray       # (S, D) record index of the dose (padding: the subject's first)
+    t: np.ndarray         # (S, J, D) output time − dose time (without lag), h
+    on: np.ndarray        # (S, J, D) the output sees the dose (same epoch, file order, time)
+    amt: np.ndarray       # (S, D) AMT
+    rate: np.ndarray      # (S, D) RATE when > 0, else 0
+    mode: np.ndarray      # (S, D) _GIVEN, _MODEL_R or _MODEL_D
+    cmt_no: np.ndarray    # (S, D) CMT number
+    state: np.ndarray     # (S, D) state index
+    ii: np.ndarray        # (S, D) II (SS kinds), h
 
 
 class LinearPredictor:
@@ -157,6 +190,10 @@ class LinearPredictor:
     ``rows`` selects the output records (default: every EVID 0 record). Parameters are given
     per subject (vectors of length ``n_subjects``, in order of first appearance of ID);
     :meth:`predict` returns each model output at the output rows as a PyTensor vector.
+
+    Layout: outputs (S, J) and doses of each kind (S, D) per subject, padded, so the graph is
+    dense broadcasting (subject × output × dose × mode) with a single gather at the end and
+    no scatter in the gradient.
     """
 
     def __init__(self, model: Model, data: Dataset | pd.DataFrame,
@@ -180,12 +217,12 @@ class LinearPredictor:
             default_dose_cmt=model.default_dose_cmt) or ds
         self.dataset = ds
         df = ds.data
-        n_rec = len(df)
         ids = df["ID"].to_numpy()
         first = np.r_[True, ids[1:] != ids[:-1]]
         subject = np.cumsum(first) - 1
-        self.n_subjects = int(subject[-1]) + 1
+        S = self.n_subjects = int(subject[-1]) + 1
         self.subject_ids = ids[first]
+        first_rec = np.flatnonzero(first)
         col = {k: df[k].to_numpy(dtype=float) for k in
                ("TIME", "EVID", "AMT", "CMT", "RATE", "II", "ADDL", "SS")}
         evid = col["EVID"].astype(int)
@@ -198,80 +235,95 @@ class LinearPredictor:
         self._cov_rec = {k: df[k].to_numpy(dtype=float) for k in model.covariates}
         self._cov_sub = {k: v[first] for k, v in self._cov_rec.items()}
 
-        # dose records ---------------------------------------------------------------------
+        # epochs: a reset (EVID 3/4) or an SS=1 dose starts a new one -----------------------
         is_dose = (evid == 1) | (evid == 4)
         is_reset = (evid == 3) | (evid == 4)
         ss = np.where(is_dose, col["SS"], 0).astype(int)
-        c_no = col["CMT"].astype(int)
-        c_no = np.where(c_no == 0, model.default_dose_cmt, c_no)
-        numbers = model.cmt_numbers
-        state = np.array([numbers.get(int(c), -1) for c in c_no])
-        const = is_dose & (ss > 0) & (col["AMT"] == 0) & (col["RATE"] > 0)
-        dose_rec = np.flatnonzero(is_dose & ~((col["AMT"] == 0) & ~const))
-        rate = col["RATE"][dose_rec]
-        self._d_rec = dose_rec
-        self._d_subject = subject[dose_rec]
-        self._d_cmt_no = c_no[dose_rec]
-        self._d_state = state[dose_rec]
-        self._d_amt = col["AMT"][dose_rec]
-        self._d_rate = np.where(rate > 0, rate, 0.0)
-        self._d_mode = np.where(rate == -1, _MODEL_R, np.where(rate == -2, _MODEL_D, _GIVEN))
-        self._d_inf = rate != 0
-        self._d_const = const[dose_rec]
-        # epochs: a reset (EVID 3/4) or an SS=1 dose starts a new one -----------------------
         flag = is_reset | (ss == 1)
         c = np.cumsum(flag)
         base = np.maximum.accumulate(np.where(first, c - flag, 0))
-        epoch = c - base + subject * (n_rec + 1)  # unique across subjects
+        epoch = c - base
 
-        # pairs ----------------------------------------------------------------------------
-        groups: dict[int, list[tuple[np.ndarray, ...]]] = {k: [] for k in range(5)}
-        # output rows of each epoch, in file order (times non-decreasing within an epoch)
-        out_epoch = epoch[rows]
-        order = np.lexsort((rows, out_epoch))
-        oe, orow = out_epoch[order], rows[order]
-        for k, r in enumerate(dose_rec):
-            lo, hi = np.searchsorted(oe, epoch[r], "left"), np.searchsorted(oe, epoch[r], "right")
-            later = orow[lo:hi] >= r  # a dose record sees its own dose
-            targets = order[lo:hi][later]
-            if len(targets) == 0:
-                continue
-            t_out = col["TIME"][rows[targets]]
-            t0 = col["TIME"][r]
+        # outputs per subject, padded (S, J) ------------------------------------------------
+        order = np.lexsort((rows, self.out_subject))
+        o_sub = self.out_subject[order]
+        counts = np.bincount(o_sub, minlength=S)
+        J = max(int(counts.max(initial=0)), 1)
+        slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        out_rec = np.repeat(first_rec[:, None], J, axis=1)
+        out_rec[o_sub, slot] = rows[order]
+        self._out_valid = np.zeros((S, J), bool)
+        self._out_valid[o_sub, slot] = True
+        self._out_rec = out_rec
+        flat = np.empty(len(rows), int)
+        flat[order] = o_sub * J + slot
+        self._flat = flat  # position of each output row in the flattened (S, J) layout
+        self._J = J
+
+        # dose instances (ADDL copies expanded) and SS records, by kind ---------------------
+        c_no = col["CMT"].astype(int)
+        c_no = np.where(c_no == 0, model.default_dose_cmt, c_no)
+        numbers = model.cmt_numbers
+        state = np.array([numbers.get(int(x), -1) for x in c_no])
+        const = is_dose & (ss > 0) & (col["AMT"] == 0) & (col["RATE"] > 0)
+        dose_rec = np.flatnonzero(is_dose & ~((col["AMT"] == 0) & ~const))
+        last_out = np.full(S, -np.inf)
+        np.maximum.at(last_out, self.out_subject, self.out_time)
+        inst: dict[int, list[tuple[int, float]]] = {k: [] for k in range(5)}
+        for r in dose_rec:
             ii = col["II"][r]
+            rate = col["RATE"][r]
             if ss[r] > 0:
-                kind = _SS_CONST if const[r] else (_SS_INF if rate[k] != 0 else _SS_BOLUS)
-                groups[kind].append((targets, np.full(len(targets), k), t_out - t0,
-                                     np.full(len(targets), ii)))
+                kind = _SS_CONST if const[r] else (_SS_INF if rate != 0 else _SS_BOLUS)
+                inst[kind].append((r, col["TIME"][r]))
             if const[r]:
                 continue
             copies = int(col["ADDL"][r]) + 1 if ii > 0 else 1
-            td = t0 + ii * np.arange(copies)
-            dt = t_out[:, None] - td[None, :]
-            tt, cc = np.nonzero(dt >= -1e-12)  # the lag (≥ 0) is applied in the graph
-            kind = _INF if rate[k] != 0 else _BOLUS
-            groups[kind].append((targets[tt], np.full(len(tt), k), dt[tt, cc],
-                                 np.zeros(len(tt))))
-        self._pairs = {}
-        for kind, parts in groups.items():
-            if parts:
-                cat = [np.concatenate([p[j] for p in parts]) for j in range(4)]
-                self._pairs[kind] = _Pairs(out=cat[0].astype(int), dose=cat[1].astype(int),
-                                           t=cat[2].astype(float), ii=cat[3].astype(float))
-        self.n_pairs = sum(len(p.out) for p in self._pairs.values())
-        # which states the outputs read
+            td = col["TIME"][r] + ii * np.arange(copies)
+            td = td[td <= last_out[subject[r]] + 1e-9] if copies > 1 else td
+            kind = _INF if rate != 0 else _BOLUS
+            inst[kind].extend((r, t) for t in td)
+        self._doses: dict[int, _Doses] = {}
+        t_out = col["TIME"][out_rec]  # (S, J)
+        for kind, lst in inst.items():
+            if not lst:
+                continue
+            rr = np.array([x[0] for x in lst])
+            tt = np.array([x[1] for x in lst])
+            sub = subject[rr]
+            o = np.lexsort((tt, rr, sub))
+            rr, tt, sub = rr[o], tt[o], sub[o]
+            cnt = np.bincount(sub, minlength=S)
+            D = int(cnt.max())
+            pos = np.arange(len(rr)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+            drec = np.repeat(first_rec[:, None], D, axis=1)
+            drec[sub, pos] = rr
+            dt = np.zeros((S, D))
+            dt[sub, pos] = tt
+            dvalid = np.zeros((S, D), bool)
+            dvalid[sub, pos] = True
+            delta = t_out[:, :, None] - dt[:, None, :]
+            on = (dvalid[:, None, :] & self._out_valid[:, :, None]
+                  & (epoch[out_rec][:, :, None] == epoch[drec][:, None, :])
+                  & (out_rec[:, :, None] >= drec[:, None, :]))
+            if kind in (_BOLUS, _INF):
+                on &= delta >= -1e-12  # the lag (≥ 0) is applied in the graph
+            rate = col["RATE"][drec]
+            self._doses[kind] = _Doses(
+                rec=drec, t=np.where(on, delta, 0.0), on=on, amt=col["AMT"][drec],
+                rate=np.where(rate > 0, rate, 0.0),
+                mode=np.where(rate == -1, _MODEL_R, np.where(rate == -2, _MODEL_D, _GIVEN)),
+                cmt_no=c_no[drec], state=state[drec], ii=np.where(dvalid, col["II"][drec], 1.0))
+        self.n_pairs = int(sum(d.on.sum() for d in self._doses.values()))
         self.used_states = sorted({i for o in model.outputs.values()
                                    for i, x in enumerate(model.state_symbols)
                                    if x in o.expr.free_symbols})
-        self._check_dosing_keys()
-
-    def _check_dosing_keys(self) -> None:
-        have = set(self.model.dosing)
-        for mode, key in ((_MODEL_R, "R"), (_MODEL_D, "D")):
-            need = self._d_mode == mode
-            for n in np.unique(self._d_cmt_no[need]):
-                if f"{key}{n}" not in have:
-                    raise LikelihoodError(f"RATE {-mode} needs {key}{n} in the model")
+        have = set(model.dosing)
+        for d in self._doses.values():
+            for mode, key in ((_MODEL_R, "R"), (_MODEL_D, "D")):
+                for n in np.unique(d.cmt_no[d.on.any(axis=1) & (d.mode == mode)]):
+                    if f"{key}{n}" not in have:
+                        raise LikelihoodError(f"RATE {-mode} needs {key}{n} in the model")
 
     # -- graph -----------------------------------------------------------------------------
     def predict(self, params: Mapping[str, object], outputs: Sequence[str] | None = None
@@ -288,100 +340,98 @@ class LinearPredictor:
         n = model.n_states
         zero = pt.zeros(S)
         entries = [[to_pytensor(lin.A[i, j], {**sym, **cov_s}) * pt.ones(S)
-                    if lin.A[i, j] != 0 else zero for j in range(n)] for i in range(n)]
-        A = pt.stack([pt.stack(row, axis=-1) for row in entries], axis=-2)  # (S, n, n)
-        lam = block_eigenvalues(A, lin.blocks, xp=pt)  # (S, m)
-        P = covariants(A, lam, xp=pt, n=n, m=n)  # (S, m, n, n)
+                    if lin.A[i, j] != 0 else 0.0 for j in range(n)] for i in range(n)]
+        A = pt.stack([pt.stack([zero if _is_zero(x) else x for x in row], axis=-1)
+                      for row in entries], axis=-2)  # (S, n, n)
+        lam = block_eigenvalues(A, lin.blocks, xp=pt)  # (S, m), m = n
+        lam_list = [lam[:, i] for i in range(n)]
+        lam4 = lam[:, None, None, :]  # (S, 1, 1, m)
+        sym2 = {s: v[:, None] for s, v in sym.items()}  # (S, 1) against (S, D)
 
-        # dose-record quantities (record covariates, subject parameters) -----------------
-        ds = self._d_subject
-        dsym = {s: v[ds] for s, v in sym.items()}
-        dcov = {sp.Symbol(k, real=True): pt.as_tensor_variable(v[self._d_rec])
-                for k, v in self._cov_rec.items()}
-        denv = {**dsym, **dcov}
-        nd = len(self._d_rec)
-        F = pt.ones(nd)
-        lag = pt.zeros(nd)
-        rmod = pt.ones(nd)
-        dmod = pt.ones(nd)
-        for key, expr in model.dosing.items():
-            kind, num = key.rstrip("0123456789"), int(key[len(key.rstrip("0123456789")):])
-            mask = self._d_cmt_no == num
-            if not mask.any():
-                continue
-            val = to_pytensor(expr, denv) * pt.ones(nd)
-            m = pt.as_tensor_variable(mask)
-            if kind == "F":
-                F = pt.switch(m, val, F)
-            elif kind == "ALAG":
-                lag = pt.switch(m, val, lag)
-            elif kind == "R":
-                rmod = pt.switch(m, val, rmod)
-            else:
-                dmod = pt.switch(m, val, dmod)
-        amt = self._d_amt * F
-        mode = self._d_mode
-        rate = pt.switch(pt.eq(mode, _MODEL_R), rmod,
-                         pt.switch(pt.eq(mode, _MODEL_D), amt / dmod, self._d_rate))
-        safe = pt.switch(pt.gt(rate, 0.0), rate, 1.0)  # boluses: no 0/0 in the gradient
-        dur = pt.switch(pt.eq(mode, _MODEL_D), dmod, amt / safe)
-        rate = pt.switch(self._d_const, self._d_rate, rate)
+        amounts = {a: pt.zeros((S, self._J)) for a in self.used_states}
+        for kind, d in self._doses.items():
+            env = {**sym2, **{sp.Symbol(k, real=True): pt.as_tensor_variable(v[d.rec])
+                              for k, v in self._cov_rec.items()}}
+            amt, rate, dur, lag = self._dose_terms(d, env)
+            h = self._kernel(kind, d, lam4, amt, rate, dur, lag)  # (S, J, D, m)
+            for a in self.used_states:
+                w = None
+                for cs in np.unique(d.state):
+                    wc = pt.stack(_covariant_entries(entries, lam_list, a, int(cs)), axis=-1)
+                    m = (d.state == cs)[:, None, :, None]
+                    term = pt.switch(m, wc[:, None, None, :], 0.0)
+                    w = term if w is None else w + term
+                contrib = pt.switch(d.on[..., None], w * h, 0.0).sum(axis=(-1, -2))
+                amounts[a] = amounts[a] + contrib
 
-        n_out = len(self.rows)
-        amounts = {}
-        for a in self.used_states:
-            Pa = P[:, :, a, :].dimshuffle(0, 2, 1).reshape((S * n, n))  # (S·n_cmt, m)
-            x = pt.zeros(n_out)
-            for kind, pr in self._pairs.items():
-                d = pr.dose
-                sub = self._d_subject[d]
-                w = Pa[sub * n + self._d_state[d]]  # (k, m)
-                lk = lam[sub]
-                h = self._kernel(kind, pr, lk, amt[d], rate[d], dur[d], lag[d])
-                x = pt.inc_subtensor(x[pr.out], (w * h).sum(axis=-1))
-            amounts[a] = x
-
-        # outputs -----------------------------------------------------------------------
-        osub = self.out_subject
-        env = {s: v[osub] for s, v in sym.items()}
-        env.update({sp.Symbol(k, real=True): pt.as_tensor_variable(v[self.rows])
+        # outputs on (S, J), then one gather into output-row order --------------------------
+        env = {s: v[:, None] for s, v in sym.items()}
+        env.update({sp.Symbol(k, real=True): pt.as_tensor_variable(v[self._out_rec])
                     for k, v in self._cov_rec.items()})
         env.update({model.state_symbols[a]: x for a, x in amounts.items()})
-        env[TIME] = pt.as_tensor_variable(self.out_time)
+        env[TIME] = pt.as_tensor_variable(
+            self.dataset.data["TIME"].to_numpy(dtype=float)[self._out_rec])
         names = list(model.outputs) if outputs is None else list(outputs)
-        return {k: to_pytensor(model.outputs[k].expr, env) * pt.ones(n_out) for k in names}
+        res = {}
+        for k in names:
+            y = to_pytensor(model.outputs[k].expr, env) * pt.ones((S, self._J))
+            res[k] = y.reshape((S * self._J,))[self._flat]
+        return res
+
+    def _dose_terms(self, d: _Doses, env):
+        """F·AMT, infusion rate and duration, lag time: (S, D) tensors."""
+        F, lag, rmod, dmod = 1.0, 0.0, 1.0, 1.0
+        for key, expr in self.model.dosing.items():
+            kind, num = key.rstrip("0123456789"), int(key[len(key.rstrip("0123456789")):])
+            mask = d.cmt_no == num
+            if not mask.any():
+                continue
+            val = to_pytensor(expr, env)
+            if kind == "F":
+                F = pt.switch(mask, val, F)
+            elif kind == "ALAG":
+                lag = pt.switch(mask, val, lag)
+            elif kind == "R":
+                rmod = pt.switch(mask, val, rmod)
+            else:
+                dmod = pt.switch(mask, val, dmod)
+        amt = d.amt * F
+        rate = pt.switch(pt.eq(d.mode, _MODEL_R), rmod,
+                         pt.switch(pt.eq(d.mode, _MODEL_D), amt / dmod, d.rate))
+        safe = pt.switch(pt.gt(rate, 0.0), rate, 1.0)  # boluses: no 0/0 in the gradient
+        dur = pt.switch(pt.eq(d.mode, _MODEL_D), dmod, amt / safe)
+        return amt, rate, dur, lag * pt.ones(d.amt.shape)
 
     @staticmethod
-    def _kernel(kind: int, pr: _Pairs, lam, amt, rate, dur, lag):
-        """h_i (k, m) for pairs of one kind (see the module docstring)."""
+    def _kernel(kind: int, d: _Doses, lam, amt, rate, dur, lag):
+        """h_i (S, J, D, m) for doses of one kind (see the module docstring)."""
+        amt, rate, dur, lag = (x[:, None, :, None] for x in (amt, rate, dur, lag))
+        t = d.t[..., None]
         if kind == _BOLUS:
-            dt = pr.t - lag
+            dt = t - lag
             on = pt.ge(dt, 0.0)
-            dts = pt.switch(on, dt, 0.0)[:, None]
-            return pt.switch(on, amt, 0.0)[:, None] * pt.exp(lam * dts)
+            return pt.switch(on, amt * pt.exp(lam * pt.switch(on, dt, 0.0)), 0.0)
         if kind == _INF:
-            dt = pr.t - lag
+            dt = t - lag
             on = pt.ge(dt, 0.0)
             dts = pt.switch(on, dt, 0.0)
-            m = pt.maximum(dts - dur, 0.0)[:, None]
-            return (pt.switch(on, rate, 0.0)[:, None]
-                    * phi(lam, dts[:, None] - m, xp=pt) * pt.exp(lam * m))
-        ii = pr.ii[:, None]
+            m = pt.maximum(dts - dur, 0.0)
+            return pt.switch(on, rate * phi(lam, dts - m, xp=pt) * pt.exp(lam * m), 0.0)
+        ii = d.ii[:, None, :, None]
         geo = -1.0 / pt.expm1(lam * ii)  # Σ_{k≥0} e^{λ k II}
         if kind == _SS_CONST:
-            return (rate[:, None] * pt.exp(lam * pr.t[:, None])) / -lam
-        s = (pr.ii - pt.mod(lag, pr.ii))[:, None]
-        a = pr.t[:, None] + s
+            return rate * pt.exp(lam * t) / -lam
+        s = ii - pt.mod(lag, ii)
+        a = t + s
         if kind == _SS_BOLUS:
-            return amt[:, None] * pt.exp(lam * a) * geo
+            return amt * pt.exp(lam * a) * geo
         # SS infusion: n infusions of the past still running at the output time
-        d = dur[:, None]
-        nrun = pt.maximum(0.0, pt.ceil((d - a) / ii - 1e-12))
+        nrun = pt.maximum(0.0, pt.ceil((dur - a) / ii - 1e-12))
         nrun = pytensor.gradient.disconnected_grad(nrun)
-        done = phi(lam, d, xp=pt) * pt.exp(lam * (a + nrun * ii - d)) * geo
+        done = phi(lam, dur, xp=pt) * pt.exp(lam * (a + nrun * ii - dur)) * geo
         running = (pt.exp(lam * a) * pt.expm1(lam * nrun * ii) / pt.expm1(lam * ii)
                    - nrun) / lam
-        return rate[:, None] * (done + running)
+        return rate * (done + running)
 
     # -- numpy -----------------------------------------------------------------------------
     def compile(self, outputs: Sequence[str] | None = None

@@ -123,3 +123,24 @@ def test_selinexor_covariates_in_the_graph():
 def test_nonlinear_model_is_refused():
     with pytest.raises(LikelihoodError, match="linear"):
         LinearPredictor(load_model("selinexor_xpo1"), _multi_dose())
+
+
+def test_entrywise_covariants_equal_the_shared_kernel():
+    """The likelihood's elementwise P_i[a, c] equals Sylvester's formula of the simulator."""
+    from pkpd.likelihood import _covariant_entries
+    from pkpd.solvers.linear import block_eigenvalues, covariants
+
+    m = load_model("pk_3cmt_oral")
+    import sympy as sp
+
+    vals = {"CL": 5.0, "V2": 20.0, "Q3": 10.0, "V3": 40.0, "Q4": 2.0, "V4": 100.0, "KA": 1.0}
+    A = np.array(m.linear.A.subs({sp.Symbol(k, real=True): v for k, v in vals.items()})
+                 .tolist(), dtype=float)[None]
+    lam = block_eigenvalues(A, m.linear.blocks)
+    P = covariants(A, lam)[0]
+    Al = [[A[0, i, j] for j in range(4)] for i in range(4)]
+    for a in range(4):
+        for c in range(4):
+            got = _covariant_entries(Al, list(lam[0]), a, c)
+            np.testing.assert_allclose(np.array(got, dtype=float), P[:, a, c], rtol=1e-10,
+                                       atol=1e-14)

@@ -1,0 +1,1149 @@
+"""Hierarchical Bayesian population fits of linear (closed-form) models with PyMC.
+
+Population model, for subject i and parameter P with IIV:
+
+    P_i = TV_P(θ, covariates_i) · exp(η_iP),   η_i = L·z_i,  z_i ~ N(0, I)   (non-centred)
+
+TV is the model file's ``[individual]`` expression (or θ_P). Ω = L·Lᵀ is diagonal (L = diag ω)
+or a full block with an LKJ(2) prior on the correlations (``iiv="block"``). Parameters with
+ω² = 0 in the model file have no IIV; ``fixed`` ones are not estimated.
+
+Priors, derived from the model file and overridable:
+
+* θ_P > 0: log-normal with median = model value and log-SD ``prior_sd`` (default 1, i.e. 95 %
+  within ×/÷ 7); θ_P with lower and upper bounds: logit-normal on (lower, upper) centred at
+  the value; θ_P ≤ 0: normal with mean value and SD max(|value|, 1)·prior_sd.
+* ω_P (SD of η, ≈ CV): half-normal with scale 2·√ω²_file (at least 0.2).
+* residual SDs: half-normal (proportional 0.5, log-normal 0.5, additive 0.5·median DV).
+
+Residual error per endpoint: additive (sd = a), proportional (sd = b·f), combined
+(sd = √(a² + b²f²)), log-normal (log DV ~ N(log f, σ)). BLQ by M3: a left-censored record
+contributes P(Y < LLOQ) (``CENS`` = 1 with DV = LLOQ, or ``BLQ``/``BLOQ`` = 1 with ``LLOQ``).
+
+Sampling: nutpie (NUTS, numba-compiled) by default, PyMC's NUTS as fallback; chains start at
+the model file's values (η = 0) with a small jitter (±0.1 on the unconstrained scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import tomllib
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import sympy as sp
+
+from .dataset import Dataset, DatasetError, from_frame, read_nonmem
+from .likelihood import LinearPredictor, to_pytensor
+from .model import Model, ModelError, load_model
+
+__all__ = ["Endpoint", "FitResult", "FitSpecError", "Prior", "Sampler", "fit", "fit_spec",
+           "load_spec", "ERROR_MODELS"]
+
+ERROR_MODELS = ("additive", "proportional", "combined", "lognormal")
+ENGINES = ("nutpie", "pymc")
+_JITTER = 0.1
+
+
+class FitSpecError(ValueError):
+    """A malformed fit spec or call; the message names the spec file and key."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One observed quantity: model ``output`` at records with ``DVID == dvid`` (all
+    observation records when ``dvid`` is None) with a residual ``error`` model. ``sigma_add``
+    and ``sigma_prop`` are the half-normal prior scales (None: defaults)."""
+
+    output: str
+    error: str = "proportional"
+    dvid: int | None = None
+    sigma_add: float | None = None
+    sigma_prop: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.output if self.dvid is None else f"{self.output}_{self.dvid}"
+
+
+@dataclass(frozen=True)
+class Prior:
+    """Prior of a typical value: ``dist`` "lognormal" (``center`` = median, ``sd`` of log),
+    "normal" (mean, sd), "logitnormal" (on the parameter's bounds) or "fixed" (at center)."""
+
+    dist: str
+    center: float
+    sd: float = 1.0
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """NUTS settings; ``engine`` "nutpie" (default) or "pymc"."""
+
+    chains: int = 4
+    draws: int = 1000
+    tune: int = 1000
+    seed: int = 1
+    target_accept: float = 0.8
+    engine: str = "nutpie"
+    cores: int | None = None
+    progress: bool = True
+
+    def check(self, where: str = "sampler") -> None:
+        for k in ("chains", "draws", "tune"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "tune" else 1):
+                raise FitSpecError(f"{where}.{k}: expected a positive integer, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise FitSpecError(f"{where}.seed: expected an integer, got {self.seed!r}")
+        if not (isinstance(self.target_accept, (int, float)) and 0 < self.target_accept < 1):
+            raise FitSpecError(f"{where}.target_accept: expected a number in (0, 1), got "
+                               f"{self.target_accept!r}")
+        if self.engine not in ENGINES:
+            raise FitSpecError(f"{where}.engine: expected one of {', '.join(ENGINES)}, got "
+                               f"{self.engine!r}")
+
+
+# --------------------------------------------------------------------------- model building
+
+
+@dataclass
+class _Built:
+    pm_model: object
+    predictor: LinearPredictor
+    endpoints: list[Endpoint]
+    estimated: list[str]
+    iiv: list[str]
+    fixed: dict[str, float]
+    obs: dict[str, dict[str, np.ndarray]]  # label → rows (into dataset), dv, cens, lloq
+    initial: dict[str, np.ndarray]
+    sigma_names: dict[str, list[str]]
+
+
+def _default_prior(model: Model, name: str, prior_sd: float) -> Prior:
+    p = model.parameters[name]
+    if p.fixed:
+        return Prior("fixed", p.value)
+    if p.lower is not None and p.upper is not None and p.lower < p.value < p.upper:
+        return Prior("logitnormal", p.value, prior_sd)
+    if p.value > 0:
+        return Prior("lognormal", p.value, prior_sd)
+    return Prior("normal", p.value, max(abs(p.value), 1.0) * prior_sd)
+
+
+def _observations(ds: Dataset, endpoints: Sequence[Endpoint], where: str
+                  ) -> dict[str, dict[str, np.ndarray]]:
+    df = ds.data
+    evid = df["EVID"].to_numpy()
+    mdv = df["MDV"].to_numpy()
+    dv = df["DV"].to_numpy(dtype=float)
+    base = (evid == 0) & (mdv == 0) & np.isfinite(dv)
+    cens = np.zeros(len(df), bool)
+    lloq = np.full(len(df), np.inf)
+    if "CENS" in df.columns:
+        c = df["CENS"].fillna(0).to_numpy()
+        if np.any(c < 0):
+            raise DatasetError(f"{ds.source}: CENS = -1 (right censoring) is not supported")
+        cens = c == 1
+        lloq = np.where(cens, dv, np.inf)
+    else:
+        flag = next((k for k in ("BLQ", "BLOQ") if k in df.columns), None)
+        if flag is not None:
+            cens = df[flag].fillna(0).to_numpy() == 1
+            if cens.any():
+                if "LLOQ" not in df.columns:
+                    raise DatasetError(f"{ds.source}: column {flag} needs a column LLOQ")
+                lloq = np.where(cens, df["LLOQ"].to_numpy(dtype=float), np.inf)
+                bad = cens & ~np.isfinite(lloq)
+                if bad.any():
+                    raise DatasetError(f"{ds.where(int(np.flatnonzero(bad)[0]), 'LLOQ')}: "
+                                       "expected a number for a BLQ record")
+                base |= cens & (evid == 0)
+    out = {}
+    multi = len(endpoints) > 1
+    for i, ep in enumerate(endpoints):
+        mask = base.copy()
+        if ep.dvid is not None:
+            if "DVID" not in df.columns:
+                raise FitSpecError(f"{where}: endpoints[{i}].dvid = {ep.dvid} but {ds.source} "
+                                   "has no DVID column")
+            mask &= df["DVID"].to_numpy() == ep.dvid
+        elif multi:
+            raise FitSpecError(f"{where}: endpoints[{i}].dvid is required with several "
+                               "endpoints")
+        if not mask.any():
+            raise FitSpecError(f"{where}: endpoints[{i}] ({ep.label}) has no observations in "
+                               f"{ds.source}")
+        rows = np.flatnonzero(mask)
+        out[ep.label] = {"rows": rows, "dv": np.where(cens[rows], lloq[rows], dv[rows]),
+                         "cens": cens[rows], "lloq": lloq[rows]}
+    return out
+
+
+def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoint], *,
+          priors: Mapping[str, Prior] | None = None,
+          omega_scale: Mapping[str, float] | None = None, iiv: str = "diagonal",
+          prior_sd: float = 1.0, centred: bool = False, where: str = "fit") -> _Built:
+    """The PyMC model of a population fit (see the module docstring); ``centred`` samples η
+    directly (better when individual data are rich) instead of z."""
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    ds = data if isinstance(data, Dataset) else from_frame(data)
+    priors = dict(priors or {})
+    for k in priors:
+        if k not in model.parameters:
+            raise FitSpecError(f"{where}: prior on unknown parameter {k!r} ({model.name} has "
+                               f"{', '.join(model.parameters)})")
+    if iiv not in ("diagonal", "block"):
+        raise FitSpecError(f"{where}: iiv must be 'diagonal' or 'block', got {iiv!r}")
+    for i, ep in enumerate(endpoints):
+        if ep.output not in model.outputs:
+            raise FitSpecError(f"{where}: endpoints[{i}].output {ep.output!r} is not an output "
+                               f"of {model.name} ({', '.join(model.outputs)})")
+        if ep.error not in ERROR_MODELS:
+            raise FitSpecError(f"{where}: endpoints[{i}].error must be one of "
+                               f"{', '.join(ERROR_MODELS)}, got {ep.error!r}")
+    obs = _observations(ds, endpoints, where)
+    rows = np.unique(np.concatenate([o["rows"] for o in obs.values()]))
+    pred = LinearPredictor(model, ds, rows=rows)
+    pos = {r: j for j, r in enumerate(rows)}
+    for o in obs.values():
+        o["pos"] = np.array([pos[r] for r in o["rows"]])
+
+    prior = {k: priors.get(k, _default_prior(model, k, prior_sd)) for k in model.parameters}
+    estimated = [k for k, p in prior.items() if p.dist != "fixed"]
+    fixed = {k: p.center for k, p in prior.items() if p.dist == "fixed"}
+    eta_names = [k for k, p in model.parameters.items() if p.omega2 > 0]
+    S = pred.n_subjects
+    coords = {"subject": pred.subject_ids, "eta_param": eta_names}
+    initial: dict[str, np.ndarray] = {}
+    sigma_names: dict[str, list[str]] = {}
+    with pm.Model(coords=coords) as pmm:
+        theta = {}
+        for k in model.parameters:
+            p = prior[k]
+            if p.dist == "fixed":
+                theta[k] = pt.as_tensor_variable(float(p.center))
+            elif p.dist == "lognormal":
+                z = pm.Normal(f"log_{k}", mu=math.log(p.center), sigma=p.sd)
+                initial[f"log_{k}"] = np.array(math.log(model.parameters[k].value))
+                theta[k] = pm.Deterministic(k, pt.exp(z))
+            elif p.dist == "normal":
+                z = pm.Normal(f"raw_{k}", mu=p.center, sigma=p.sd)
+                initial[f"raw_{k}"] = np.array(model.parameters[k].value)
+                theta[k] = pm.Deterministic(k, z)
+            elif p.dist == "logitnormal":
+                lo, hi = model.parameters[k].lower, model.parameters[k].upper
+                u = (p.center - lo) / (hi - lo)
+                z = pm.Normal(f"logit_{k}", mu=math.log(u / (1 - u)), sigma=p.sd)
+                u0 = (model.parameters[k].value - lo) / (hi - lo)
+                initial[f"logit_{k}"] = np.array(math.log(u0 / (1 - u0)))
+                theta[k] = pm.Deterministic(k, lo + (hi - lo) * pt.sigmoid(z))
+            else:
+                raise FitSpecError(f"{where}: priors.{k}: unknown distribution {p.dist!r}")
+        # IIV ---------------------------------------------------------------------------
+        eta = {}
+        if eta_names:
+            K = len(eta_names)
+            scale = np.array([float((omega_scale or {}).get(
+                k, max(2.0 * math.sqrt(model.parameters[k].omega2), 0.2))) for k in eta_names])
+            start = np.array([math.sqrt(model.parameters[k].omega2) for k in eta_names])
+            if iiv == "diagonal" or K == 1:
+                om = pm.HalfNormal("omega", sigma=scale, dims="eta_param")
+                initial["omega"] = start
+            else:
+                chol, _, stds = pm.LKJCholeskyCov(
+                    "omega_chol", n=K, eta=2.0, sd_dist=pm.HalfNormal.dist(scale, shape=K),
+                    compute_corr=True)
+                om = pm.Deterministic("omega", stds, dims="eta_param")
+            if centred:
+                initial["eta"] = np.zeros((S, K))
+                if iiv == "diagonal" or K == 1:
+                    e = pm.Normal("eta", 0.0, om, dims=("subject", "eta_param"))
+                else:
+                    e = pm.MvNormal("eta", mu=np.zeros(K), chol=chol,
+                                    dims=("subject", "eta_param"))
+            else:
+                z = pm.Normal("z", 0.0, 1.0, dims=("subject", "eta_param"))
+                initial["z"] = np.zeros((S, K))
+                e = z * om if (iiv == "diagonal" or K == 1) else z @ chol.T
+                e = pm.Deterministic("eta", e, dims=("subject", "eta_param"))
+            for j, k in enumerate(eta_names):
+                pm.Deterministic(f"omega_{k}", om[j])
+                eta[k] = e[:, j]
+        # individual parameters -------------------------------------------------------------
+        env = {sp.Symbol(k, real=True): v for k, v in theta.items()}
+        env.update({sp.Symbol(k, real=True): pt.as_tensor_variable(v)
+                    for k, v in pred.subject_covariates.items()})
+        indiv = {}
+        for k in model.parameters:
+            tv = to_pytensor(model.individual[k], env) if k in model.individual else theta[k]
+            tv = tv * pt.ones(S)
+            indiv[k] = tv * pt.exp(eta[k]) if k in eta else tv
+        outputs = pred.predict(indiv, outputs=sorted({ep.output for ep in endpoints}))
+        # residual error -----------------------------------------------------------------
+        for ep in endpoints:
+            o = obs[ep.label]
+            f = outputs[ep.output][o["pos"]]
+            dvpos = o["dv"][~o["cens"]]
+            typical = float(np.median(np.abs(dvpos))) if len(dvpos) else 1.0
+            names = []
+            if ep.error in ("additive", "combined"):
+                a = pm.HalfNormal(f"sigma_add_{ep.label}",
+                                  sigma=ep.sigma_add or 0.5 * max(typical, 1e-12))
+                initial[f"sigma_add_{ep.label}"] = np.array(0.1 * max(typical, 1e-12))
+                names.append(f"sigma_add_{ep.label}")
+            if ep.error in ("proportional", "combined", "lognormal"):
+                nm = "sigma_log" if ep.error == "lognormal" else "sigma_prop"
+                b = pm.HalfNormal(f"{nm}_{ep.label}", sigma=ep.sigma_prop or 0.5)
+                initial[f"{nm}_{ep.label}"] = np.array(0.2)
+                names.append(f"{nm}_{ep.label}")
+            sigma_names[ep.label] = names
+            name = f"obs_{ep.label}"
+            pmm.add_coord(f"{name}_dim", np.arange(len(o["dv"])))
+            if ep.error == "lognormal":
+                cls, kw = pm.LogNormal, {"mu": pt.log(pt.maximum(f, 1e-30)), "sigma": b}
+            else:
+                if ep.error == "additive":
+                    sd = a
+                elif ep.error == "proportional":
+                    sd = b * pt.abs(f) + 1e-12
+                else:
+                    sd = pt.sqrt(a ** 2 + (b * f) ** 2)
+                cls, kw = pm.Normal, {"mu": f, "sigma": sd}
+            if o["cens"].any():
+                pm.Censored(name, cls.dist(**kw), lower=None, upper=o["lloq"],
+                            observed=o["dv"], dims=f"{name}_dim")
+            else:
+                cls(name, **kw, observed=o["dv"], dims=f"{name}_dim")
+    return _Built(pmm, pred, list(endpoints), estimated, eta_names, fixed, obs, initial,
+                  sigma_names)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _sample(b: _Built, s: Sampler):
+    import pymc as pm
+
+    rng = np.random.default_rng(s.seed)
+    if s.engine == "nutpie":
+        try:
+            import nutpie
+        except ImportError:
+            warnings.warn("nutpie is not installed: sampling with PyMC's NUTS", stacklevel=3)
+            s = dataclasses.replace(s, engine="pymc")
+    if s.engine == "nutpie":
+        compiled = nutpie.compile_pymc_model(b.pm_model, initial_points=b.initial,
+                                             jitter_rvs=set())
+        base_fn = compiled.initial_point_func
+
+        def jittered(seed):
+            x = np.asarray(base_fn(seed), dtype=float)
+            r = np.random.default_rng([int(np.asarray(seed).ravel()[0]) % 2**32, s.seed])
+            return x + r.uniform(-_JITTER, _JITTER, x.shape)
+
+        compiled = dataclasses.replace(compiled, initial_point_func=jittered)
+        idata = nutpie.sample(compiled, draws=s.draws, tune=s.tune, chains=s.chains,
+                              seed=s.seed, target_accept=s.target_accept,
+                              progress_bar=s.progress, cores=s.cores or min(s.chains,
+                                                                          os.cpu_count() or 1))
+        return idata
+    with b.pm_model:
+        inits = []
+        for _ in range(s.chains):
+            d = {}
+            for k, v in b.initial.items():
+                if k.startswith(("omega", "sigma")):
+                    d[k] = v * np.exp(rng.uniform(-_JITTER, _JITTER, np.shape(v)))
+                else:
+                    d[k] = v + rng.uniform(-_JITTER, _JITTER, np.shape(v))
+            inits.append(d)
+        return pm.sample(draws=s.draws, tune=s.tune, chains=s.chains, random_seed=s.seed,
+                         target_accept=s.target_accept, initvals=inits, init="adapt_diag",
+                         progressbar=s.progress, cores=s.cores or min(s.chains, 2),
+                         compute_convergence_checks=False)
+
+
+def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
+        endpoints: Sequence[Endpoint] | None = None, *,
+        priors: Mapping[str, Prior] | None = None,
+        omega_scale: Mapping[str, float] | None = None, iiv: str = "diagonal",
+        prior_sd: float = 1.0, chains: int = 4, draws: int = 1000, tune: int = 1000,
+        seed: int = 1, target_accept: float = 0.8, engine: str = "nutpie",
+        cores: int | None = None, progress: bool = True, posterior_predictive: bool = True,
+        where: str = "fit") -> FitResult:
+    """Fit a population model to a NONMEM data set; returns a :class:`FitResult`.
+
+    ``endpoints`` default: the model's first output, proportional error, all observations.
+    """
+    model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    ds = read_nonmem(data) if isinstance(data, (str, os.PathLike)) else (
+        data if isinstance(data, Dataset) else from_frame(data))
+    endpoints = list(endpoints or [Endpoint(next(iter(model.outputs)))])
+    sampler = Sampler(chains, draws, tune, seed, target_accept, engine, cores, progress)
+    sampler.check(f"{where}: sampler" if where != "fit" else "sampler")
+    started = time.perf_counter()
+    b = build(model, ds, endpoints, priors=priors, omega_scale=omega_scale, iiv=iiv,
+              prior_sd=prior_sd, where=where)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        idata = _sample(b, sampler)
+    wall = time.perf_counter() - started
+    res = FitResult(model=model, dataset=ds, built=b, idata=idata, sampler=sampler,
+                    wall_time=wall)
+    if posterior_predictive:
+        res.add_predictive()
+    res.check(stream=sys.stderr)
+    return res
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class FitResult:
+    """A finished fit: ``idata`` (ArviZ InferenceData), tables and plots."""
+
+    model: Model
+    dataset: Dataset
+    built: _Built
+    idata: object
+    sampler: Sampler
+    wall_time: float
+    warnings: list[str] = field(default_factory=list)
+    _pred_fn: object = None
+    _sims: dict | None = None
+
+    # -- derived arrays -------------------------------------------------------------------
+    @property
+    def population_names(self) -> list[str]:
+        return list(self.built.estimated)
+
+    def _draws(self, name: str) -> np.ndarray:
+        v = self.idata.posterior[name].values
+        return v.reshape(-1, *v.shape[2:])
+
+    def add_predictive(self) -> None:
+        """Posterior predictive and pointwise log-likelihood into ``idata``."""
+        import pymc as pm
+
+        with self.built.pm_model, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pp = pm.sample_posterior_predictive(self.idata, random_seed=self.sampler.seed,
+                                                progressbar=False)
+            self.idata.extend(pp)
+            pm.compute_log_likelihood(self.idata, progressbar=False)
+
+    def diagnostics(self) -> dict:
+        """Max R-hat, min bulk/tail ESS, divergences, wall time (s), PSIS-LOO."""
+        import arviz as az
+
+        names = self._summary_vars()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = az.summary(self.idata, var_names=names + (["eta"] if self.built.iiv else []),
+                           kind="diagnostics")
+        ss = self.idata.sample_stats
+        div = int(ss["diverging"].values.sum()) if "diverging" in ss else 0
+        out = {"max_r_hat": float(s["r_hat"].max()), "min_ess_bulk": float(s["ess_bulk"].min()),
+               "min_ess_tail": float(s["ess_tail"].min()), "divergences": div,
+               "chains": self.sampler.chains, "draws": self.sampler.draws,
+               "tune": self.sampler.tune, "engine": self.sampler.engine,
+               "wall_time_s": round(self.wall_time, 2), "warnings": list(self.warnings)}
+        if "log_likelihood" in self.idata.groups():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    loo = az.loo(self.idata, var_name=None if len(self.built.endpoints) == 1
+                                 else f"obs_{self.built.endpoints[0].label}")
+                    out["elpd_loo"] = float(loo.elpd_loo)
+                    out["p_loo"] = float(loo.p_loo)
+                    out["pareto_k_over_0.7"] = int(np.sum(loo.pareto_k.values > 0.7))
+                except Exception as exc:  # noqa: BLE001 - LOO is informative only
+                    out["elpd_loo"] = f"unavailable: {exc}"
+        return out
+
+    def check(self, stream=None) -> list[str]:
+        """Sampling problems (divergences, R-hat > 1.01, ESS < 400), printed and recorded."""
+        d = self.diagnostics()
+        msgs = []
+        if d["divergences"]:
+            msgs.append(f"{d['divergences']} divergent transitions after tuning")
+        if d["max_r_hat"] > 1.01:
+            msgs.append(f"max R-hat {d['max_r_hat']:.3f} > 1.01: chains disagree (a chain "
+                        "may be stuck in another mode)")
+        if min(d["min_ess_bulk"], d["min_ess_tail"]) < 400:
+            msgs.append(f"min ESS {min(d['min_ess_bulk'], d['min_ess_tail']):.0f} < 400")
+        self.warnings = msgs
+        for m in msgs:
+            warnings.warn(f"pkpd fit: {m}", stacklevel=2)
+            if stream is not None:
+                print(f"pkpd: warning: {m}", file=stream)
+        return msgs
+
+    def _summary_vars(self) -> list[str]:
+        names = list(self.built.estimated) + [f"omega_{k}" for k in self.built.iiv]
+        for v in self.built.sigma_names.values():
+            names += v
+        return names
+
+    def summary(self) -> pd.DataFrame:
+        """Per parameter: median, 95 % CrI, posterior CV %, IIV CV %, η-shrinkage %, R-hat,
+        bulk/tail ESS."""
+        import arviz as az
+
+        names = self._summary_vars()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            diag = az.summary(self.idata, var_names=names, kind="diagnostics")
+        rows = []
+        eta_mean = None
+        if self.built.iiv:
+            eta_mean = self.idata.posterior["eta"].mean(dim=("chain", "draw")).values
+        for k in names:
+            x = self._draws(k)
+            row = {"parameter": k,
+                   "unit": self.model.parameters[k].unit if k in self.model.parameters else "",
+                   "median": float(np.median(x)), "q2.5": float(np.quantile(x, 0.025)),
+                   "q97.5": float(np.quantile(x, 0.975)),
+                   "posterior_cv_percent": float(100 * np.std(x) / abs(np.mean(x))),
+                   "iiv_cv_percent": np.nan, "shrinkage_percent": np.nan}
+            if k.startswith("omega_"):
+                p = k[len("omega_"):]
+                row["unit"] = "SD of eta"
+                row["iiv_cv_percent"] = float(100 * np.sqrt(np.expm1(np.median(x) ** 2)))
+                j = self.built.iiv.index(p)
+                row["shrinkage_percent"] = float(100 * (1 - np.std(eta_mean[:, j], ddof=1)
+                                                        / np.median(x)))
+            elif k in self.built.iiv:
+                om = self._draws(f"omega_{k}")
+                row["iiv_cv_percent"] = float(100 * np.sqrt(np.expm1(np.median(om) ** 2)))
+            elif k.startswith("sigma_prop") or k.startswith("sigma_log"):
+                row["unit"] = "fraction"
+            elif k.startswith("sigma_add"):
+                lab = k[len("sigma_add_"):]
+                ep = next(e for e in self.built.endpoints if e.label == lab)
+                row["unit"] = self.model.outputs[ep.output].unit
+            row.update(r_hat=float(diag.loc[k, "r_hat"]),
+                       ess_bulk=float(diag.loc[k, "ess_bulk"]),
+                       ess_tail=float(diag.loc[k, "ess_tail"]))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    # -- predictions ---------------------------------------------------------------------
+    def _predict(self, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._pred_fn is None:
+            self._pred_fn = self.built.predictor.compile()
+        return self._pred_fn(params)
+
+    def _individual(self, theta: Mapping[str, float], eta: np.ndarray | None
+                    ) -> dict[str, np.ndarray]:
+        p = self.built.predictor.individual_typical(theta)
+        if eta is not None:
+            for j, k in enumerate(self.built.iiv):
+                p[k] = p[k] * np.exp(eta[:, j])
+        return p
+
+    def _theta_draw(self, i: int) -> dict[str, float]:
+        th = {k: float(self._draws(k)[i]) for k in self.built.estimated}
+        return {**self.built.fixed, **th}
+
+    def _simulate(self, n_sim: int = 300) -> dict:
+        """Prior-predictive replicates of the data set (new subjects): θ from posterior draws,
+        η ~ N(0, Ω_draw), residual error added. Used for CWRES-like, NPDE and the pcVPC."""
+        if self._sims is not None and self._sims["n"] == n_sim:
+            return self._sims
+        rng = np.random.default_rng(self.sampler.seed + 7)
+        b = self.built
+        n_draws = self._draws(b.estimated[0]).shape[0] if b.estimated else 1
+        S = b.predictor.n_subjects
+        K = len(b.iiv)
+        sims = {ep.label: [] for ep in b.endpoints}
+        preds = {ep.label: [] for ep in b.endpoints}
+        chol = self._draws("omega_chol") if "omega_chol" in self.idata.posterior else None
+        for _ in range(n_sim):
+            i = int(rng.integers(n_draws))
+            theta = self._theta_draw(i)
+            eta = None
+            if K:
+                zz = rng.standard_normal((S, K))
+                if chol is not None:
+                    L = _unpack_chol(chol[i], K)
+                    eta = zz @ L.T
+                else:
+                    eta = zz * np.array([self._draws(f"omega_{k}")[i] for k in b.iiv])
+            out = self._predict(self._individual(theta, eta))
+            for ep in b.endpoints:
+                f = out[ep.output][b.obs[ep.label]["pos"]]
+                y = self._add_error(ep, f, i, rng)
+                sims[ep.label].append(y)
+                preds[ep.label].append(f)
+        self._sims = {"n": n_sim, "y": {k: np.array(v) for k, v in sims.items()},
+                      "f": {k: np.array(v) for k, v in preds.items()}}
+        return self._sims
+
+    def _add_error(self, ep: Endpoint, f: np.ndarray, i: int, rng) -> np.ndarray:
+        e = rng.standard_normal(f.shape)
+        if ep.error == "lognormal":
+            return f * np.exp(self._draws(f"sigma_log_{ep.label}")[i] * e)
+        a = self._draws(f"sigma_add_{ep.label}")[i] if ep.error in ("additive",
+                                                                     "combined") else 0.0
+        bb = self._draws(f"sigma_prop_{ep.label}")[i] if ep.error in ("proportional",
+                                                                       "combined") else 0.0
+        return f + np.sqrt(a ** 2 + (bb * f) ** 2) * e
+
+    def predictions(self, n_sim: int = 300, n_ipred: int = 200) -> pd.DataFrame:
+        """One row per fitted observation: ID, TIME, DVID, DV, CENS, PRED (typical subject at
+        the posterior medians), IPRED (posterior median of the individual prediction),
+        IWRES, CWRES-like (Monte Carlo population residual decorrelated within subject, i.e.
+        NONMEM's EWRES) and NPDE (``n_sim`` replicates; NaN for censored records)."""
+        b = self.built
+        med = {k: float(np.median(self._draws(k))) for k in b.estimated}
+        theta = {**b.fixed, **med}
+        pred = self._predict(self._individual(theta, None))
+        n_draws = self._draws(b.estimated[0]).shape[0] if b.estimated else 1
+        idx = np.unique(np.linspace(0, n_draws - 1, min(n_ipred, n_draws)).astype(int))
+        ip = {ep.output: [] for ep in b.endpoints}
+        eta_d = self._draws("eta") if b.iiv else None
+        for i in idx:
+            out = self._predict(self._individual(self._theta_draw(int(i)),
+                                                 None if eta_d is None else eta_d[i]))
+            for k in ip:
+                ip[k].append(out[k])
+        ipred = {k: np.median(np.array(v), axis=0) for k, v in ip.items()}
+        sims = self._simulate(n_sim)
+        df = self.dataset.data
+        tables = []
+        for ep in b.endpoints:
+            o = b.obs[ep.label]
+            pos = o["pos"]
+            rows = o["rows"]
+            t = pd.DataFrame({"ID": df["ID"].to_numpy()[rows], "TIME": df["TIME"].to_numpy()[rows],
+                              "DVID": ep.dvid if ep.dvid is not None else 1,
+                              "ENDPOINT": ep.output, "DV": o["dv"],
+                              "CENS": o["cens"].astype(int),
+                              "PRED": pred[ep.output][pos], "IPRED": ipred[ep.output][pos]})
+            sd = self._sd(ep, t["IPRED"].to_numpy())
+            t["IWRES"] = (t["DV"] - t["IPRED"]) / sd
+            if ep.error == "lognormal":
+                t["IWRES"] = np.log(t["DV"].clip(lower=1e-30) / t["IPRED"].clip(lower=1e-30)
+                                    ) / sd
+            cw, npde = _npde(t["ID"].to_numpy(), o["dv"], o["cens"], sims["y"][ep.label],
+                             log=ep.error == "lognormal")
+            t["CWRES"] = cw
+            t["NPDE"] = npde
+            tables.append(t)
+        return pd.concat(tables, ignore_index=True)
+
+    def _sd(self, ep: Endpoint, f: np.ndarray) -> np.ndarray:
+        med = {k: float(np.median(self._draws(k))) for k in self.built.sigma_names[ep.label]}
+        if ep.error == "lognormal":
+            return np.full(len(f), med[f"sigma_log_{ep.label}"])
+        a = med.get(f"sigma_add_{ep.label}", 0.0)
+        bb = med.get(f"sigma_prop_{ep.label}", 0.0)
+        return np.sqrt(a ** 2 + (bb * f) ** 2)
+
+    # -- plots -----------------------------------------------------------------------------
+    def plot_gof(self, path: str | os.PathLike | None = None, table: pd.DataFrame | None = None):
+        """Standard GOF panels: DV vs PRED and IPRED, CWRES vs TIME and PRED, |IWRES| vs
+        IPRED, QQ of CWRES and NPDE. Returns the figure (saved when ``path`` is given)."""
+        return _plot_gof(self, self.predictions() if table is None else table, path)
+
+    def vpc(self, path: str | os.PathLike | None = None, n_sim: int = 300, bins: int = 8):
+        """Prediction-corrected VPC: observed 5/50/95th percentiles against the 95 % interval
+        of the simulated ones, per time bin."""
+        return _plot_pcvpc(self, n_sim=n_sim, bins=bins, path=path)
+
+    def plot_individual(self, path: str | os.PathLike | None = None, n: int = 12):
+        return _plot_individual(self, n=n, path=path)
+
+    def plot_trace(self, path: str | os.PathLike | None = None):
+        return _plot_trace(self, path=path)
+
+    # -- writing ---------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike, spec_text: str | None = None) -> Path:
+        """Write the results folder (posterior.nc, summary.csv, diagnostics.json,
+        predictions.csv, plots) to a temporary sibling, then rename it onto ``folder``: an
+        error leaves no half-written folder (a previous one is replaced only on success)."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            self.idata.to_netcdf(str(tmp / "posterior.nc"))
+            self.summary().to_csv(tmp / "summary.csv", index=False, float_format="%.6g")
+            diag = self.diagnostics()
+            (tmp / "diagnostics.json").write_text(json.dumps(diag, indent=2) + "\n")
+            table = self.predictions()
+            table.to_csv(tmp / "predictions.csv", index=False, float_format="%.6g")
+            for name, fig in (("gof.png", self.plot_gof(table=table)),
+                              ("vpc.png", self.vpc()),
+                              ("individual_fits.png", self.plot_individual()),
+                              ("trace_rank.png", self.plot_trace())):
+                fig.savefig(tmp / name, dpi=110)
+                plt.close(fig)
+            if spec_text is not None:
+                (tmp / "spec.toml").write_text(spec_text)
+            old = None
+            if folder.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+                os.replace(folder, old / folder.name)
+            os.replace(tmp, folder)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+
+def _unpack_chol(packed: np.ndarray, K: int) -> np.ndarray:
+    L = np.zeros((K, K))
+    L[np.tril_indices(K)] = packed
+    return L
+
+
+def _npde(ids: np.ndarray, dv: np.ndarray, cens: np.ndarray, ysim: np.ndarray, log: bool
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Per subject: decorrelate observed and simulated vectors with the Cholesky factor of the
+    simulated covariance (Comets et al. 2008); CWRES-like = decorrelated residual, NPDE =
+    Φ⁻¹ of the rank of the decorrelated observation among the decorrelated simulations."""
+    from scipy.stats import norm
+
+    K = ysim.shape[0]
+    cw = np.full(len(dv), np.nan)
+    nd = np.full(len(dv), np.nan)
+    y = np.log(np.maximum(dv, 1e-30)) if log else dv
+    ys = np.log(np.maximum(ysim, 1e-30)) if log else ysim
+    for i in pd.unique(ids):
+        m = (ids == i) & ~cens
+        if not m.any():
+            continue
+        Y = ys[:, m]
+        mu = Y.mean(axis=0)
+        C = np.atleast_2d(np.cov(Y, rowvar=False))
+        try:
+            L = np.linalg.cholesky(C + 1e-12 * np.eye(len(mu)) * np.trace(C))
+        except np.linalg.LinAlgError:
+            L = np.diag(np.sqrt(np.maximum(np.diag(C), 1e-300)))
+        obs = np.linalg.solve(L, y[m] - mu)
+        sim = np.linalg.solve(L, (Y - mu).T).T
+        cw[m] = obs
+        pde = (sim < obs).mean(axis=0)
+        pde = np.clip(pde, 1 / (2 * K), 1 - 1 / (2 * K))
+        nd[m] = norm.ppf(pde)
+    return cw, nd
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """A parsed ``pkpd fit`` spec (TOML)."""
+
+    path: Path
+    name: str
+    model: Model
+    data: Dataset
+    endpoints: list[Endpoint]
+    priors: dict[str, Prior]
+    omega_scale: dict[str, float]
+    iiv: str
+    prior_sd: float
+    sampler: Sampler
+    output: Path
+    text: str
+
+
+_SPEC_KEYS = {"fit": {"name", "model", "data", "iiv", "prior_sd", "output"},
+              "endpoints": {"output", "error", "dvid", "sigma_add", "sigma_prop"},
+              "sampler": {"chains", "draws", "tune", "seed", "target_accept", "engine",
+                          "cores", "progress"},
+              "priors": None}
+
+
+def load_spec(path: str | os.PathLike) -> FitSpec:
+    """Read and check a fit spec; every problem raises :class:`FitSpecError` naming the spec
+    file and key, before anything is sampled. Format::
+
+        [fit]
+        name = "selinexor_poppk"     # output folder <spec dir>/<name>/ (or output = "...")
+        model = "selinexor_pk"       # shipped name or path (relative to the spec)
+        data = "data/x.csv"          # NONMEM CSV, relative to the spec
+        iiv = "diagonal"             # or "block" (LKJ)
+        [[endpoints]]
+        output = "CP"; error = "proportional"; dvid = 1; sigma_prop = 0.5
+        [priors]
+        CL = { median = 16, sd = 0.5 }    # log-normal; { mean, sd }: normal; { fixed = 16 }
+        [priors.omega]
+        CL = 0.5                          # half-normal scale of ω_CL
+        [sampler]
+        chains = 4; draws = 1000; tune = 1000; seed = 1; target_accept = 0.8; engine = "nutpie"
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise FitSpecError(f"{path}: cannot read the spec ({exc.strerror})") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise FitSpecError(f"{path}: not valid TOML: {exc}") from None
+    where = str(path)
+    for sec in doc:
+        if sec not in _SPEC_KEYS:
+            raise FitSpecError(f"{where}: unknown section [{sec}] (expected "
+                               f"{', '.join('[' + s + ']' for s in _SPEC_KEYS)})")
+    f = doc.get("fit")
+    if not isinstance(f, dict):
+        raise FitSpecError(f"{where}: missing section [fit]")
+    for k in f:
+        if k not in _SPEC_KEYS["fit"]:
+            raise FitSpecError(f"{where}: [fit] {k}: unknown key")
+    for k in ("name", "model", "data"):
+        if not isinstance(f.get(k), str) or not f[k]:
+            raise FitSpecError(f"{where}: [fit] {k}: expected a string")
+    base = path.parent
+    mref = f["model"]
+    mpath = base / mref
+    try:
+        model = load_model(mpath if mref.endswith(".toml") and mpath.exists() else mref)
+    except (ModelError, FileNotFoundError, OSError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FitSpecError(f"{where}: [fit] model: {msg}") from None
+    dpath = base / f["data"]
+    if not dpath.is_file():
+        raise FitSpecError(f"{where}: [fit] data: no such file {dpath}")
+    try:
+        data = read_nonmem(dpath)
+    except DatasetError as exc:
+        raise FitSpecError(f"{where}: [fit] data: {exc}") from None
+    eps_raw = doc.get("endpoints", [{"output": next(iter(model.outputs))}])
+    if isinstance(eps_raw, dict):
+        eps_raw = [eps_raw]
+    endpoints = []
+    for i, e in enumerate(eps_raw):
+        if not isinstance(e, dict):
+            raise FitSpecError(f"{where}: endpoints[{i}]: expected a table")
+        for k in e:
+            if k not in _SPEC_KEYS["endpoints"]:
+                raise FitSpecError(f"{where}: endpoints[{i}].{k}: unknown key")
+        if e.get("output") not in model.outputs:
+            raise FitSpecError(f"{where}: endpoints[{i}].output: {e.get('output')!r} is not an "
+                               f"output of {model.name} ({', '.join(model.outputs)})")
+        if e.get("error", "proportional") not in ERROR_MODELS:
+            raise FitSpecError(f"{where}: endpoints[{i}].error: expected one of "
+                               f"{', '.join(ERROR_MODELS)}, got {e.get('error')!r}")
+        for k in ("sigma_add", "sigma_prop"):
+            if k in e and not (isinstance(e[k], (int, float)) and e[k] > 0):
+                raise FitSpecError(f"{where}: endpoints[{i}].{k}: expected a number > 0")
+        if "dvid" in e and "DVID" not in data.data.columns:
+            raise FitSpecError(f"{where}: endpoints[{i}].dvid: data {dpath.name} has no DVID "
+                               "column")
+        endpoints.append(Endpoint(e["output"], e.get("error", "proportional"), e.get("dvid"),
+                                  e.get("sigma_add"), e.get("sigma_prop")))
+    priors: dict[str, Prior] = {}
+    omega_scale: dict[str, float] = {}
+    for k, v in (doc.get("priors") or {}).items():
+        if k == "omega":
+            if not isinstance(v, dict):
+                raise FitSpecError(f"{where}: [priors.omega]: expected a table")
+            for p, s in v.items():
+                if p not in model.parameters or model.parameters[p].omega2 <= 0:
+                    raise FitSpecError(f"{where}: [priors.omega] {p}: not a parameter with IIV "
+                                       f"in {model.name}")
+                if not (isinstance(s, (int, float)) and s > 0):
+                    raise FitSpecError(f"{where}: [priors.omega] {p}: expected a number > 0")
+                omega_scale[p] = float(s)
+            continue
+        if k not in model.parameters:
+            raise FitSpecError(f"{where}: [priors] {k}: unknown parameter (model {model.name} "
+                               f"has {', '.join(model.parameters)})")
+        priors[k] = _parse_prior(where, k, v, model)
+    iiv = f.get("iiv", "diagonal")
+    if iiv not in ("diagonal", "block"):
+        raise FitSpecError(f"{where}: [fit] iiv: expected 'diagonal' or 'block', got {iiv!r}")
+    prior_sd = f.get("prior_sd", 1.0)
+    if not (isinstance(prior_sd, (int, float)) and prior_sd > 0):
+        raise FitSpecError(f"{where}: [fit] prior_sd: expected a number > 0")
+    sraw = doc.get("sampler", {})
+    for k in sraw:
+        if k not in _SPEC_KEYS["sampler"]:
+            raise FitSpecError(f"{where}: [sampler] {k}: unknown key")
+    sampler = Sampler(**sraw)
+    sampler.check(f"{where}: [sampler]")
+    out = base / f.get("output", f["name"])
+    # the endpoints' observations exist (DVID values, BLQ columns): checked now, not later
+    _observations(data, endpoints, where)
+    return FitSpec(path, f["name"], model, data, endpoints, priors, omega_scale, iiv,
+                   float(prior_sd), sampler, out, text)
+
+
+def _parse_prior(where: str, k: str, v: object, model: Model) -> Prior:
+    key = f"{where}: [priors] {k}"
+    if not isinstance(v, dict):
+        raise FitSpecError(f"{key}: expected a table such as {{ median = 5, sd = 0.5 }}")
+    if "fixed" in v:
+        val = model.parameters[k].value if v["fixed"] is True else v["fixed"]
+        if not isinstance(val, (int, float)) or isinstance(val, bool):
+            raise FitSpecError(f"{key}.fixed: expected true or a number")
+        return Prior("fixed", float(val))
+    sd = v.get("sd", 1.0)
+    if not (isinstance(sd, (int, float)) and sd > 0):
+        raise FitSpecError(f"{key}.sd: expected a number > 0, got {sd!r}")
+    if "median" in v:
+        if not (isinstance(v["median"], (int, float)) and v["median"] > 0):
+            raise FitSpecError(f"{key}.median: expected a number > 0")
+        return Prior("lognormal", float(v["median"]), float(sd))
+    if "mean" in v:
+        if not isinstance(v["mean"], (int, float)):
+            raise FitSpecError(f"{key}.mean: expected a number")
+        return Prior("normal", float(v["mean"]), float(sd))
+    raise FitSpecError(f"{key}: expected median (log-normal), mean (normal) or fixed")
+
+
+def fit_spec(spec: FitSpec | str | os.PathLike, *, progress: bool = True,
+             write: bool = True) -> FitResult:
+    """Run a spec and (``write``) save its results folder atomically."""
+    spec = spec if isinstance(spec, FitSpec) else load_spec(spec)
+    s = dataclasses.replace(spec.sampler, progress=progress and spec.sampler.progress)
+    res = fit(spec.model, spec.data, spec.endpoints, priors=spec.priors,
+              omega_scale=spec.omega_scale, iiv=spec.iiv, prior_sd=spec.prior_sd,
+              chains=s.chains, draws=s.draws, tune=s.tune, seed=s.seed,
+              target_accept=s.target_accept, engine=s.engine, cores=s.cores,
+              progress=s.progress, where=str(spec.path))
+    if write:
+        res.save(spec.output, spec_text=spec.text)
+    return res
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _unit(res: FitResult, output: str) -> str:
+    u = res.model.outputs[output].unit
+    return f" ({u})" if u else ""
+
+
+def _plot_gof(res: FitResult, table: pd.DataFrame, path=None):
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    t = table[table["CENS"] == 0]
+    out = t["ENDPOINT"].iloc[0] if len(t) else ""
+    unit = _unit(res, out) if out else ""
+    tu = res.model.time_unit
+    fig, ax = plt.subplots(2, 3, figsize=(13, 8))
+
+    def ident(a, x, y):
+        lo = max(min(np.nanmin(x), np.nanmin(y)), 1e-12)
+        hi = max(np.nanmax(x), np.nanmax(y))
+        a.plot([lo, hi], [lo, hi], "k--", lw=1)
+        a.set_xscale("log")
+        a.set_yscale("log")
+
+    for a, col in ((ax[0, 0], "PRED"), (ax[0, 1], "IPRED")):
+        a.scatter(t[col], t["DV"], s=8, alpha=0.5)
+        ident(a, t[col].to_numpy(), t["DV"].to_numpy())
+        a.set_xlabel(f"{col}{unit}")
+        a.set_ylabel(f"DV{unit}")
+        a.set_title(f"DV vs {col}")
+    ax[0, 2].scatter(t["IPRED"], t["IWRES"].abs(), s=8, alpha=0.5)
+    ax[0, 2].set_xlabel(f"IPRED{unit}")
+    ax[0, 2].set_ylabel("|IWRES|")
+    ax[0, 2].set_title("|IWRES| vs IPRED")
+    for a, col, lab in ((ax[1, 0], "TIME", f"time ({tu})"), (ax[1, 1], "PRED", f"PRED{unit}")):
+        a.scatter(t[col], t["CWRES"], s=8, alpha=0.5)
+        a.axhline(0, color="k", lw=1)
+        for v in (-2, 2):
+            a.axhline(v, color="k", lw=0.5, ls=":")
+        a.set_xlabel(lab)
+        a.set_ylabel("CWRES (MC, decorrelated)")
+        a.set_title(f"CWRES vs {col}")
+    a = ax[1, 2]
+    for col in ("CWRES", "NPDE"):
+        v = np.sort(t[col].dropna().to_numpy())
+        if len(v):
+            q = norm.ppf((np.arange(1, len(v) + 1) - 0.5) / len(v))
+            a.plot(q, v, ".", ms=3, label=col)
+    a.plot([-3, 3], [-3, 3], "k--", lw=1)
+    a.set_xlabel("standard normal quantile")
+    a.set_ylabel("sample quantile")
+    a.set_title("QQ plot")
+    a.legend()
+    fig.suptitle(f"{res.model.name}: goodness of fit")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def _plot_pcvpc(res: FitResult, n_sim: int = 300, bins: int = 8, path=None):
+    """Prediction-corrected VPC (Bergstrand et al. 2011) for the first endpoint."""
+    import matplotlib.pyplot as plt
+
+    b = res.built
+    ep = b.endpoints[0]
+    o = b.obs[ep.label]
+    sims = res._simulate(n_sim)
+    y_sim = sims["y"][ep.label]
+    med = {k: float(np.median(res._draws(k))) for k in b.estimated}
+    pred = res._predict(res._individual({**b.fixed, **med}, None))[ep.output][o["pos"]]
+    t = res.dataset.data["TIME"].to_numpy()[o["rows"]]
+    keep = ~o["cens"]
+    edges = np.unique(np.quantile(t, np.linspace(0, 1, bins + 1)))
+    k = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(edges) - 2)
+    pcorr = np.ones(len(t))
+    for j in range(len(edges) - 1):
+        m = k == j
+        if m.any():
+            pcorr[m] = np.median(pred[m]) / np.maximum(pred[m], 1e-30)
+    dv_pc = o["dv"] * pcorr
+    ys_pc = y_sim * pcorr
+    mid, obs_q, sim_q = [], [], []
+    for j in range(len(edges) - 1):
+        m = (k == j) & keep
+        if m.sum() < 3:
+            continue
+        mid.append(np.median(t[m]))
+        obs_q.append(np.percentile(dv_pc[m], [5, 50, 95]))
+        sq = np.percentile(ys_pc[:, m], [5, 50, 95], axis=1)  # (3, n_sim)
+        sim_q.append(np.percentile(sq, [2.5, 50, 97.5], axis=1))  # (3 CI, 3 pct)
+    mid = np.array(mid)
+    obs_q = np.array(obs_q)
+    sim_q = np.array(sim_q)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.plot(t[keep], dv_pc[keep], ".", color="0.6", ms=3, label="observed (pc)")
+    colors = ("tab:blue", "tab:red", "tab:blue")
+    for p in range(3):
+        if len(mid):
+            ax.fill_between(mid, sim_q[:, 0, p], sim_q[:, 2, p], color=colors[p], alpha=0.2,
+                            label="95 % CI of simulated percentiles" if p == 1 else None)
+            ax.plot(mid, obs_q[:, p], color=colors[p],
+                    ls="-" if p == 1 else "--", label="observed 5/50/95th" if p == 1 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"time ({res.model.time_unit})")
+    ax.set_ylabel(f"prediction-corrected {ep.output}{_unit(res, ep.output)}")
+    ax.set_title(f"pcVPC ({n_sim} simulated replicates, {len(mid)} bins)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def _plot_individual(res: FitResult, n: int = 12, path=None):
+    """DV, IPRED and PRED against time for the first ``n`` subjects (predictions on a
+    dense grid between records)."""
+    import matplotlib.pyplot as plt
+
+    b = res.built
+    ep = b.endpoints[0]
+    df = res.dataset.data
+    ids = res.built.predictor.subject_ids[:n]
+    sub = df[df["ID"].isin(ids)]
+    # dense EVID 2 records (inserted after the records at equal times: file order kept)
+    grid_rows = []
+    for i in ids:
+        d = sub[sub["ID"] == i]
+        tt = d["TIME"].to_numpy()
+        if np.any(np.diff(tt) < 0):  # time restarts after a reset: no dense grid
+            continue
+        for g in np.linspace(tt.min(), tt.max(), 120):
+            grid_rows.append({"ID": i, "TIME": g, "EVID": 2, "MDV": 1})
+    grid = pd.DataFrame(grid_rows)
+    full = pd.concat([sub.assign(_k=0), grid.assign(_k=1)], ignore_index=True)
+    full = full.sort_values(["ID", "TIME", "_k"], kind="stable",
+                            key=lambda c: c.map({v: j for j, v in enumerate(ids)})
+                            if c.name == "ID" else c)
+    full = full.drop(columns="_k").reset_index(drop=True)
+    for col in ("AMT", "RATE", "II", "ADDL", "SS", "CMT"):
+        full[col] = full[col].fillna(0.0)
+    for col in res.model.covariates:
+        if col in full:
+            full[col] = full.groupby("ID")[col].transform(lambda s: s.bfill().ffill())
+    rows = np.flatnonzero(full["EVID"].to_numpy() == 2)
+    from .likelihood import LinearPredictor
+
+    lp = LinearPredictor(res.model, full, rows=rows)
+    fn = lp.compile([ep.output])
+    med = {k: float(np.median(res._draws(k))) for k in b.estimated}
+    theta = {**b.fixed, **med}
+    pred = fn(lp.individual_typical(theta))[ep.output]
+    eta = None
+    if b.iiv:
+        eta_all = res.idata.posterior["eta"].median(dim=("chain", "draw")).values
+        pos = {v: j for j, v in enumerate(res.built.predictor.subject_ids)}
+        eta = eta_all[[pos[v] for v in lp.subject_ids]]
+    ind = lp.individual_typical(theta)
+    if eta is not None:
+        for j, k in enumerate(b.iiv):
+            ind[k] = ind[k] * np.exp(eta[:, j])
+    ipred = fn(ind)[ep.output]
+    gid = full["ID"].to_numpy()[rows]
+    gt = full["TIME"].to_numpy()[rows]
+    ncol = 4
+    nrow = max(1, int(np.ceil(len(ids) / ncol)))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.8 * nrow), squeeze=False)
+    o = b.obs[ep.label]
+    oid = df["ID"].to_numpy()[o["rows"]]
+    ot = df["TIME"].to_numpy()[o["rows"]]
+    for a, i in zip(axes.ravel(), ids, strict=False):
+        m = gid == i
+        a.plot(gt[m], ipred[m], "-", color="tab:blue", label="IPRED")
+        a.plot(gt[m], pred[m], "--", color="0.4", label="PRED")
+        mo = oid == i
+        a.plot(ot[mo & ~o["cens"]], o["dv"][mo & ~o["cens"]], "o", color="tab:red", ms=4,
+               label="DV")
+        if (mo & o["cens"]).any():
+            a.plot(ot[mo & o["cens"]], o["dv"][mo & o["cens"]], "v", color="tab:orange",
+                   ms=4, label="LLOQ (BLQ)")
+        a.set_title(f"ID {i:g}", fontsize=9)
+        a.set_xlabel(f"time ({res.model.time_unit})", fontsize=8)
+        a.set_ylabel(f"{ep.output}{_unit(res, ep.output)}", fontsize=8)
+    for a in axes.ravel()[len(ids):]:
+        a.axis("off")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def _plot_trace(res: FitResult, path=None):
+    """Per population parameter: posterior density per chain and rank plot."""
+    import arviz as az
+    import matplotlib.pyplot as plt
+
+    names = res._summary_vars()
+    fig, ax = plt.subplots(len(names), 2, figsize=(10, 1.9 * len(names)), squeeze=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        az.plot_trace(res.idata, var_names=names, kind="rank_bars", axes=ax,
+                      compact=False)
+    for k, name in enumerate(names):
+        unit = res.model.parameters[name].unit if name in res.model.parameters else ""
+        ax[k, 0].set_xlabel(f"{name} ({unit})" if unit else name, fontsize=8)
+        ax[k, 1].set_xlabel("rank (all chains)", fontsize=8)
+        ax[k, 1].set_ylabel("chain", fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
