@@ -52,7 +52,7 @@ def test_loads_nonlinear_with_outputs(model):
 
 def test_untreated_growth_is_exponential(model, untreated, weeks_2y):
     kg = model.parameters["KG"].value
-    assert kg * 24 * 365.25 == pytest.approx(np.log(2) / 4, rel=1e-3)  # doubling in 4 years
+    assert kg * 24 * 365.25 == pytest.approx(0.07, rel=1e-3)  # typical: doubling in 10 years
     growth = np.exp(kg * weeks_2y)
     np.testing.assert_allclose(untreated["MSPIKE"][0], 2.0 * growth, rtol=1e-5)
     # sFLC (t½ 3 h) is the stiff state: the explicit solver meets rtol 1e-5 per step, ~4e-5 here
@@ -60,9 +60,9 @@ def test_untreated_growth_is_exponential(model, untreated, weeks_2y):
     np.testing.assert_allclose(untreated["TUMOR"][0], growth, rtol=1e-6)
     bmpc = 100 * growth / (growth + 80 / 20)
     np.testing.assert_allclose(untreated["BMPC"][0], bmpc, rtol=1e-6)
-    # real numbers: +18.9 % at 1 year (52 weeks: +18.85 %), +41.3 % at 2 years (104 weeks)
-    assert untreated["MSPIKE"][0][52] == pytest.approx(2.0 * 1.18852, rel=1e-4)
-    assert untreated["MSPIKE"][0][104] == pytest.approx(2.0 * 1.41258, rel=1e-4)
+    # real numbers: +7.2 % at 52 weeks, +14.97 % at 104 weeks (typical patient)
+    assert untreated["MSPIKE"][0][52] == pytest.approx(2.0 * 1.072248, rel=1e-5)
+    assert untreated["MSPIKE"][0][104] == pytest.approx(2.0 * 1.149715, rel=1e-5)
     assert np.all(untreated["XPO1_INH"] == 0) and np.all(untreated["CP"] == 0)
 
 
@@ -95,12 +95,12 @@ def test_igg_elimination_limits_mspike_decline(model):
 
 def test_treatment_lowers_mspike_with_dose(one_year):
     m1 = {reg: r["MSPIKE"][0][-1] for reg, r in one_year.items()}
-    assert m1["none"] == pytest.approx(2.0 * 1.18852, rel=1e-4)
+    assert m1["none"] == pytest.approx(2.0 * 1.072248, rel=1e-5)
     assert m1["100 mg QW"] < m1["none"]
     assert m1["100 mg QW"] <= m1["40 mg QW"] < m1["none"]
-    # calibration as shipped (typical patient, 52 weeks): 40 mg QW −49 %, 100 mg QW −53 %
-    assert m1["40 mg QW"] / 2.0 - 1 == pytest.approx(-0.493, abs=0.01)
-    assert m1["100 mg QW"] / 2.0 - 1 == pytest.approx(-0.531, abs=0.01)
+    # calibration as shipped (typical patient, 52 weeks): 40 mg QW −51 %, 100 mg QW −54 %
+    assert m1["40 mg QW"] / 2.0 - 1 == pytest.approx(-0.506, abs=0.01)
+    assert m1["100 mg QW"] / 2.0 - 1 == pytest.approx(-0.539, abs=0.01)
     # marrow plasma cells and sFLC fall with the burden
     assert one_year["100 mg QW"]["BMPC"][0][-1] < 20.0 < one_year["none"]["BMPC"][0][-1]
     assert one_year["100 mg QW"]["SFLC"][0][-1] < 10.0

@@ -42,7 +42,8 @@ def test_holds_lower_dose_intensity_and_columns(rrmm_biw):
     g4 = p["PLT_GRADE_MAX"] == 4
     assert g4.any() and (p.loc[g4, "DOSE_INTENSITY"] < 1).all()
     assert (p.loc[p["PLT_GRADE_MAX"] < 4, "DOSE_INTENSITY"] == 1).all()
-    assert (p["MSPIKE_CHANGE_1Y"] < 0).all()  # treatment lowers the M-spike
+    # treatment lowers the M-spike in most patients (clone sensitivity varies, CV 100 %)
+    assert (p["MSPIKE_CHANGE_1Y"] < 0).mean() >= 0.9 and p["MSPIKE_CHANGE_1Y"].median() < -0.1
     assert p["TTP_DAYS"].max() <= 0.25 * 52 * 7 + 1e-9
 
 
@@ -97,14 +98,16 @@ def test_theta_per_patient_equals_separate_runs():
     from pkpd import load_model
 
     m = load_model("selinexor_smm")
-    kkill = np.r_[np.full(4, 2.5e-4), np.full(4, 1.0e-3)]
+    kkill = np.r_[np.full(4, 2.25e-4), np.full(4, 1.0e-3)]
     both = run_trial("100 mg QW", n=8, years=0.2, seed=9, theta={"KKILL": kkill}).patients
     alone = run_trial("100 mg QW", n=8, years=0.2, seed=9,
                       model=m.with_values(KKILL=1.0e-3)).patients
+    base = run_trial("100 mg QW", n=8, years=0.2, seed=9).patients
     cols = ["MSPIKE_CHANGE_1Y", "SFLC_CHANGE_1Y", "XPO1_INH_MEAN"]
     np.testing.assert_allclose(both[cols].to_numpy()[4:], alone[cols].to_numpy()[4:],
                                rtol=1e-9)
-    assert (both["MSPIKE_CHANGE_1Y"][4:].to_numpy() < both["MSPIKE_CHANGE_1Y"][:4].to_numpy()
-            ).all()
+    np.testing.assert_allclose(both[cols].to_numpy()[:4], base[cols].to_numpy()[:4],
+                               rtol=1e-9)
+    assert (both["MSPIKE_CHANGE_1Y"][4:] < base["MSPIKE_CHANGE_1Y"][4:]).all()
     with pytest.raises(ValueError, match="unknown parameter"):
         run_trial("100 mg QW", n=2, years=0.1, theta={"KILL": 1.0})
