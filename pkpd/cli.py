@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
                    "cluster, 'serial' runs in this process")
     c.add_argument("--no-sensitivity", action="store_true", help="skip the tornado analysis")
     c.add_argument("--sensitivity-n", type=int, default=None,
-                   help="patients per draw in the sensitivity runs (default min(n, 30))")
+                   help="patients per draw in the sensitivity runs (default min(n, 20))")
     c.add_argument("--sensitivity-draws", type=int, default=None,
                    help="draws in the sensitivity runs (default min(draws, 10))")
     c.set_defaults(run=_compare)
