@@ -210,8 +210,8 @@ class Model:
     @cached_property
     def linear_part(self) -> tuple[tuple[int, ...], LinearForm] | None:
         """The states of a nonlinear model that form a linear time-invariant subsystem driven
-        by nothing else (typically the PK compartments), with that subsystem's LTI form; None
-        when there are none. Solvers give these states their exact solution and integrate only
+        by nothing else and entered by the doses (typically the PK compartments), with that
+        subsystem's LTI form; None when there are none. Solvers give these states their exact solution and integrate only
         the rest. Pure accumulators (dx/dt free of x, e.g. cumulative hazards) stay with the
         rest: they are not stiff and would only repeat the eigenvalue 0."""
         xs = self.state_symbols
@@ -230,7 +230,20 @@ class Model:
             if not drop:
                 break
             keep -= drop
-        if not keep or len(keep) == len(xs):
+        # only the subsystem the doses enter (e.g. PK, not a slowly growing resistant clone
+        # that happens to be linear): the states connected to the dose compartment
+        dose = self.cmt_numbers[self.default_dose_cmt]
+        if dose not in keep:
+            return None
+        linked, frontier = {dose}, [dose]
+        while frontier:
+            i = frontier.pop()
+            for j in keep - linked:
+                if sp.diff(f[i], xs[j]) != 0 or sp.diff(f[j], xs[i]) != 0:
+                    linked.add(j)
+                    frontier.append(j)
+        keep = linked
+        if len(keep) == len(xs):
             return None
         idx = tuple(sorted(keep))
         sub = [xs[i] for i in idx]
