@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Dask scheduler address; 'local' (default) starts a 2-worker local "
                    "cluster, 'serial' runs in this process")
     c.add_argument("--no-sensitivity", action="store_true", help="skip the tornado analysis")
+    c.add_argument("--sensitivity-params", metavar="NAME,...",
+                   help="assumptions to vary (default: every assumption with a range)")
     c.add_argument("--sensitivity-n", type=int, default=None,
                    help="patients per draw in the sensitivity runs (default min(n, 20))")
     c.add_argument("--sensitivity-draws", type=int, default=None,
@@ -422,11 +424,14 @@ def _compare(args: argparse.Namespace) -> int:
               f"({time.perf_counter() - started:.0f} s)", end=end, file=sys.stderr, flush=True)
 
     scheduler = None if args.scheduler == "serial" else args.scheduler
+    sensitivity: bool | list[str] = not args.no_sensitivity
+    if sensitivity and args.sensitivity_params:
+        sensitivity = [k.strip() for k in args.sensitivity_params.split(",") if k.strip()]
     res = compare(regimens, source=args.fit or "prior", risk=args.risk, n=args.n,
                   draws=args.draws, years=args.years, seed=args.seed, standard=args.standard,
                   margin_progression=args.margin_progression / 100,
                   margin_ae=args.margin_ae / 100, threshold=args.threshold,
-                  sensitivity=not args.no_sensitivity, sensitivity_n=args.sensitivity_n,
+                  sensitivity=sensitivity, sensitivity_n=args.sensitivity_n,
                   sensitivity_draws=args.sensitivity_draws, scheduler=scheduler,
                   progress=progress)
     tmp = Path(tempfile.mkdtemp(prefix=".pkpd-compare-", dir=parent))

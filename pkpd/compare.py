@@ -456,6 +456,14 @@ def compare(regimens: Sequence[str], *, source: str | os.PathLike | pd.DataFrame
     if unknown:
         raise CompareError(f"{m.name}: unknown parameter(s) {', '.join(unknown)}")
     pnames = [k for k in theta.columns if k != "DRAW"]
+    names: list[str] = []
+    if sensitivity:  # checked before any simulation
+        ranges = prior_ranges(m)
+        names = list(ranges) if sensitivity is True else list(sensitivity)
+        bad = [k for k in names if k not in ranges]
+        if bad:
+            raise CompareError(f"sensitivity: {', '.join(bad)} is not an assumption parameter "
+                               "with a range in the model files")
     model_ref: Model | str = model if isinstance(model, str) else m
 
     blocks = []
@@ -484,14 +492,6 @@ def compare(regimens: Sequence[str], *, source: str | os.PathLike | pd.DataFrame
     decision = _decision(draw_table, low_doses, std, obs, margin_progression, margin_ae,
                          threshold)
     sens = None
-    names: list[str] = []
-    if sensitivity:
-        ranges = prior_ranges(m)
-        names = list(ranges) if sensitivity is True else list(sensitivity)
-        bad = [k for k in names if k not in ranges]
-        if bad:
-            raise CompareError(f"sensitivity: {', '.join(bad)} not an assumption parameter "
-                               "with a range in the model files")
     if names:
         sens = _sensitivity(m, model_ref, names, theta, regs, std, low_doses, obs, risk,
                             sensitivity_n or min(n, 20),
