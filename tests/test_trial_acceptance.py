@@ -80,3 +80,13 @@ def test_trial_orders_regimens_as_the_model_implies(three_arms):
     pn = three_arms["none"].patients
     assert (p100["PROGRESSED"] <= p40["PROGRESSED"]).mean() > 0.99
     assert (p40["PROGRESSED"] <= pn["PROGRESSED"]).all()
+
+
+@pytest.mark.slow
+def test_igg_limit_in_every_trial_trajectory(three_arms):
+    """The trial's weekly M-spike of every patient in every arm never falls faster than IgG
+    elimination allows: MSPIKE(w+1)/MSPIKE(w) ≥ exp(−KELM·168 h)."""
+    kelm = load_model("selinexor_smm").parameters["KELM"].value
+    for res in three_arms.values():
+        ratio = res.mspike[:, 1:] / res.mspike[:, :-1]
+        assert ratio.min() >= np.exp(-kelm * WEEK) * (1 - 1e-9)
