@@ -32,6 +32,7 @@ a seed derived from (seed, block) only, so a run on Dask (:func:`compare` with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -205,6 +206,7 @@ class _Block:
     seed: int
     risk: str
     curves: bool = True
+    threads: int | None = None  # numba threads in a Dask worker (None: leave as is)
 
 
 def _block_seed(seed: int, *key: int) -> int:
@@ -223,6 +225,15 @@ def _km_at(t: np.ndarray, e: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 def _run_block(block: _Block) -> dict[str, Any]:
     """Simulate every regimen for the block's draws; per-draw endpoints and curves."""
+    if block.threads is not None:
+        import numba
+
+        before = numba.get_num_threads()
+        numba.set_num_threads(min(block.threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            return _run_block(dataclasses.replace(block, threads=None))
+        finally:
+            numba.set_num_threads(before)
     nd, n = len(block.draw_ids), block.n
     theta = {k: np.repeat(np.asarray(v, float), n) for k, v in block.theta.items()}
     rows, curves = [], {}
@@ -305,6 +316,10 @@ def _execute(blocks: list[_Block], scheduler: Any,
             except (OSError, TimeoutError, ValueError) as exc:
                 raise CompareError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
     try:
+        if own_cluster is not None:  # one numba thread per worker: no oversubscription
+            n_workers = len(own_cluster.workers)
+            blocks = [dataclasses.replace(b, threads=max(1, (os.cpu_count() or 1) // n_workers))
+                      for b in blocks]
         futures = client.map(_run_block, blocks, pure=False)
         results: dict[int, dict[str, Any]] = {}
         for done, fut in enumerate(as_completed(futures), start=1):
