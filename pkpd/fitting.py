@@ -45,7 +45,6 @@ import pandas as pd
 import sympy as sp
 
 from .dataset import Dataset, DatasetError, from_frame, read_nonmem
-from .likelihood import LinearPredictor, to_pytensor
 from .model import Model, ModelError, load_model
 
 __all__ = ["Endpoint", "FitResult", "FitSpecError", "Prior", "Sampler", "fit", "fit_spec",
@@ -121,7 +120,7 @@ class Sampler:
 @dataclass
 class _Built:
     pm_model: object
-    predictor: LinearPredictor
+    predictor: object  # pkpd.likelihood.LinearPredictor
     endpoints: list[Endpoint]
     estimated: list[str]
     iiv: list[str]
@@ -199,6 +198,8 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
     directly (better when individual data are rich) instead of z."""
     import pymc as pm
     import pytensor.tensor as pt
+
+    from .likelihood import LinearPredictor, to_pytensor
 
     ds = data if isinstance(data, Dataset) else from_frame(data)
     priors = dict(priors or {})
@@ -323,11 +324,13 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                 else:
                     sd = pt.sqrt(a ** 2 + (b * f) ** 2)
                 cls, kw = pm.Normal, {"mu": f, "sigma": sd}
+            dv = pm.Data(f"dv_{ep.label}", o["dv"], dims=f"{name}_dim")  # replaceable
             if o["cens"].any():
-                pm.Censored(name, cls.dist(**kw), lower=None, upper=o["lloq"],
-                            observed=o["dv"], dims=f"{name}_dim")
+                # left censoring: an observation at ``lower`` contributes P(Y ≤ LLOQ)
+                pm.Censored(name, cls.dist(**kw), lower=np.where(o["cens"], o["lloq"], -np.inf),
+                            upper=None, observed=dv, dims=f"{name}_dim")
             else:
-                cls(name, **kw, observed=o["dv"], dims=f"{name}_dim")
+                cls(name, **kw, observed=dv, dims=f"{name}_dim")
     return _Built(pmm, pred, list(endpoints), estimated, eta_names, fixed, obs, initial,
                   sigma_names)
 
@@ -341,26 +344,12 @@ def _sample(b: _Built, s: Sampler):
     rng = np.random.default_rng(s.seed)
     if s.engine == "nutpie":
         try:
-            import nutpie
+            import nutpie  # noqa: F401
         except ImportError:
             warnings.warn("nutpie is not installed: sampling with PyMC's NUTS", stacklevel=3)
             s = dataclasses.replace(s, engine="pymc")
     if s.engine == "nutpie":
-        compiled = nutpie.compile_pymc_model(b.pm_model, initial_points=b.initial,
-                                             jitter_rvs=set())
-        base_fn = compiled.initial_point_func
-
-        def jittered(seed):
-            x = np.asarray(base_fn(seed), dtype=float)
-            r = np.random.default_rng([int(np.asarray(seed).ravel()[0]) % 2**32, s.seed])
-            return x + r.uniform(-_JITTER, _JITTER, x.shape)
-
-        compiled = dataclasses.replace(compiled, initial_point_func=jittered)
-        idata = nutpie.sample(compiled, draws=s.draws, tune=s.tune, chains=s.chains,
-                              seed=s.seed, target_accept=s.target_accept,
-                              progress_bar=s.progress, cores=s.cores or min(s.chains,
-                                                                          os.cpu_count() or 1))
-        return idata
+        return sample_nutpie(compile_nutpie(b, s.seed), s)
     with b.pm_model:
         inits = []
         for _ in range(s.chains):
@@ -377,17 +366,46 @@ def _sample(b: _Built, s: Sampler):
                          compute_convergence_checks=False)
 
 
+def compile_nutpie(b: _Built, seed: int = 1):
+    """nutpie's compiled model whose chains start at the model file's values (η = 0) plus a
+    uniform ±0.1 jitter on the unconstrained scale (different per chain)."""
+    import nutpie
+
+    compiled = nutpie.compile_pymc_model(b.pm_model, initial_points=b.initial,
+                                         jitter_rvs=set())
+    base_fn = compiled.initial_point_func
+
+    def jittered(chain_seed):
+        x = np.asarray(base_fn(chain_seed), dtype=float)
+        r = np.random.default_rng([int(np.asarray(chain_seed).ravel()[0]) % 2**32, seed])
+        return x + r.uniform(-_JITTER, _JITTER, x.shape)
+
+    return dataclasses.replace(compiled, initial_point_func=jittered)
+
+
+def sample_nutpie(compiled, s: Sampler):
+    """Run nutpie on a compiled model (e.g. ``compiled.with_data(dv_CP=...)`` for replicates)."""
+    import nutpie
+
+    return nutpie.sample(compiled, draws=s.draws, tune=s.tune, chains=s.chains, seed=s.seed,
+                         target_accept=s.target_accept, progress_bar=s.progress,
+                         cores=s.cores or min(s.chains, os.cpu_count() or 1))
+
+
 def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         endpoints: Sequence[Endpoint] | None = None, *,
         priors: Mapping[str, Prior] | None = None,
         omega_scale: Mapping[str, float] | None = None, iiv: str = "diagonal",
-        prior_sd: float = 1.0, chains: int = 4, draws: int = 1000, tune: int = 1000,
+        prior_sd: float = 1.0, centred: bool = False, chains: int = 4, draws: int = 1000,
+        tune: int = 1000,
         seed: int = 1, target_accept: float = 0.8, engine: str = "nutpie",
         cores: int | None = None, progress: bool = True, posterior_predictive: bool = True,
         where: str = "fit") -> FitResult:
     """Fit a population model to a NONMEM data set; returns a :class:`FitResult`.
 
     ``endpoints`` default: the model's first output, proportional error, all observations.
+    ``centred`` samples η directly instead of the non-centred z (η = L·z); prefer it when
+    every subject has rich data (then the non-centred form can diverge).
     """
     model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     ds = read_nonmem(data) if isinstance(data, (str, os.PathLike)) else (
@@ -397,7 +415,7 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
     sampler.check(f"{where}: sampler" if where != "fit" else "sampler")
     started = time.perf_counter()
     b = build(model, ds, endpoints, priors=priors, omega_scale=omega_scale, iiv=iiv,
-              prior_sd=prior_sd, where=where)
+              prior_sd=prior_sd, centred=centred, where=where)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         idata = _sample(b, sampler)
@@ -767,12 +785,14 @@ class FitSpec:
     omega_scale: dict[str, float]
     iiv: str
     prior_sd: float
+    centred: bool
     sampler: Sampler
     output: Path
     text: str
 
 
-_SPEC_KEYS = {"fit": {"name", "model", "data", "iiv", "prior_sd", "output"},
+_SPEC_KEYS = {"fit": {"name", "model", "data", "iiv", "prior_sd", "output",
+                     "parameterization"},
               "endpoints": {"output", "error", "dvid", "sigma_add", "sigma_prop"},
               "sampler": {"chains", "draws", "tune", "seed", "target_accept", "engine",
                           "cores", "progress"},
@@ -788,6 +808,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         model = "selinexor_pk"       # shipped name or path (relative to the spec)
         data = "data/x.csv"          # NONMEM CSV, relative to the spec
         iiv = "diagonal"             # or "block" (LKJ)
+        parameterization = "noncentred"   # or "centred" (rich individual data)
         [[endpoints]]
         output = "CP"; error = "proportional"; dvid = 1; sigma_prop = 0.5
         [priors]
@@ -880,6 +901,10 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
     iiv = f.get("iiv", "diagonal")
     if iiv not in ("diagonal", "block"):
         raise FitSpecError(f"{where}: [fit] iiv: expected 'diagonal' or 'block', got {iiv!r}")
+    param = f.get("parameterization", "noncentred")
+    if param not in ("noncentred", "centred"):
+        raise FitSpecError(f"{where}: [fit] parameterization: expected 'noncentred' or "
+                           f"'centred', got {param!r}")
     prior_sd = f.get("prior_sd", 1.0)
     if not (isinstance(prior_sd, (int, float)) and prior_sd > 0):
         raise FitSpecError(f"{where}: [fit] prior_sd: expected a number > 0")
@@ -893,7 +918,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
     # the endpoints' observations exist (DVID values, BLQ columns): checked now, not later
     _observations(data, endpoints, where)
     return FitSpec(path, f["name"], model, data, endpoints, priors, omega_scale, iiv,
-                   float(prior_sd), sampler, out, text)
+                   float(prior_sd), param == "centred", sampler, out, text)
 
 
 def _parse_prior(where: str, k: str, v: object, model: Model) -> Prior:
@@ -926,7 +951,7 @@ def fit_spec(spec: FitSpec | str | os.PathLike, *, progress: bool = True,
     s = dataclasses.replace(spec.sampler, progress=progress and spec.sampler.progress)
     res = fit(spec.model, spec.data, spec.endpoints, priors=spec.priors,
               omega_scale=spec.omega_scale, iiv=spec.iiv, prior_sd=spec.prior_sd,
-              chains=s.chains, draws=s.draws, tune=s.tune, seed=s.seed,
+              centred=spec.centred, chains=s.chains, draws=s.draws, tune=s.tune, seed=s.seed,
               target_accept=s.target_accept, engine=s.engine, cores=s.cores,
               progress=s.progress, where=str(spec.path))
     if write:

@@ -357,7 +357,8 @@ class LinearPredictor:
             for a in self.used_states:
                 w = None
                 for cs in np.unique(d.state):
-                    wc = pt.stack(_covariant_entries(entries, lam_list, a, int(cs)), axis=-1)
+                    wc = pt.stack([x * pt.ones(S) for x in
+                                   _covariant_entries(entries, lam_list, a, int(cs))], axis=-1)
                     m = (d.state == cs)[:, None, :, None]
                     term = pt.switch(m, wc[:, None, None, :], 0.0)
                     w = term if w is None else w + term
