@@ -194,3 +194,17 @@ def test_cli_report_renders_in_headless_chromium(tmp_path, capsys):
     assert gray.std() > 0.05  # text, tables and figures, not a blank page
     # the decision table is at the top: some non-white pixels in the first screen
     assert (gray[:600] < 0.5).mean() > 0.005
+
+
+@pytest.mark.slow
+def test_notebook_03_executes(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = Path(__file__).parent.parent / "notebooks" / "03_dose_comparison.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stored clean
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6
