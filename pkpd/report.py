@@ -40,7 +40,7 @@ LABELS = {
     "ANY_AE_G3_1Y": "Any grade ≥ 3 AE",
     "DOSE_INTENSITY": "Dose intensity (median)",
     "DOSE_REDUCED": "Dose reduced",
-    "REDUCTION_DAYS": "Time to first dose reduction (median, days)",
+    "REDUCTION_DAYS": "Time to first dose reduction (median of reduced patients, days)",
     "XPO1_INH_MEAN": "Mean XPO1 inhibition (median)",
 }
 
