@@ -37,7 +37,7 @@ def main() -> None:
 
         t = time.perf_counter()
         cluster = LocalCluster(n_workers=a.workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+                               dashboard_address=":0")
         client = Client(cluster)
         # warm the workers (imports, numba caches) so the timing is the simulation
         compare(["40 mg QW"], n=2, draws=a.workers, years=0.1, block_size=1,

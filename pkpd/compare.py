@@ -309,7 +309,7 @@ def _execute(blocks: list[_Block], scheduler: Any,
             try:
                 own_cluster = LocalCluster(n_workers=min(2, os.cpu_count() or 1),
                                            threads_per_worker=1, processes=True,
-                                           dashboard_address=None)
+                                           dashboard_address=":0")
             except Exception as exc:  # noqa: BLE001 - reported as one line
                 raise CompareError(f"cannot start a local Dask cluster ({exc}); use "
                                    "--scheduler serial") from None

@@ -101,7 +101,7 @@ def test_dask_equals_serial(tmp_path):
     kw = dict(n=8, draws=4, years=0.5, seed=5, block_size=2, sensitivity=False)
     serial = compare(REGIMENS, **kw)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
         dask = compare(REGIMENS, scheduler=client, **kw)
     serial.endpoints.to_csv(tmp_path / "a.csv", index=False)
     dask.endpoints.to_csv(tmp_path / "b.csv", index=False)
@@ -208,3 +208,20 @@ def test_notebook_03_executes(tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6
+
+
+def test_cli_scheduler_address_equals_serial(tmp_path, capsys):
+    """`pkpd compare --scheduler ADDRESS` (here an in-process cluster's address) writes the
+    same endpoints.csv as the in-process run, and shows progress."""
+    from distributed import LocalCluster
+
+    common = ["compare", "--prior", "--regimen", "60 mg QW", "--n", "3", "--draws", "6",
+              "--years", "0.2", "--seed", "9", "--no-sensitivity"]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster:
+        assert main([*common, "--scheduler", cluster.scheduler_address,
+                     "--out", str(tmp_path / "dask")]) == 0
+    assert main([*common, "--scheduler", "serial", "--out", str(tmp_path / "serial")]) == 0
+    assert "blocks" in capsys.readouterr().err  # progress
+    assert (tmp_path / "dask" / "endpoints.csv").read_bytes() == \
+        (tmp_path / "serial" / "endpoints.csv").read_bytes()
