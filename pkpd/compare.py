@@ -27,7 +27,8 @@ The low dose is "supported" when all three are ≥ ``threshold`` (default 0.8).
 
 The draws × regimens loop runs in blocks of ``block_size`` draws; each block's patients use
 a seed derived from (seed, block) only, so a run on Dask (:func:`compare` with
-``scheduler=``) equals the serial run for the same seed, whatever the scheduling.
+``scheduler=``) equals the serial run for the same seed, whatever the scheduling (a different
+``block_size`` gives different virtual patients, hence slightly different numbers).
 """
 
 from __future__ import annotations
