@@ -23,7 +23,10 @@ Decision metrics (probabilities across draws, paired differences within a draw):
   (thrombocytopenia, nausea, fatigue, anorexia, hyponatremia) in the first year;
 * ``P_BENEFIT_VS_OBSERVATION`` = P(prog₂ᵧ(low) < prog₂ᵧ(observation)).
 
-The low dose is "supported" when all three are ≥ ``threshold`` (default 0.8).
+The low dose is "supported" when all three are ≥ ``threshold`` (default 0.8). Per-draw rates
+come from ``n`` patients, so the probabilities include the sampling variability of a trial of
+``n`` patients per arm (predictive probabilities for such a trial); they approach the
+probabilities for the population's true rates as ``n`` grows.
 
 The draws × regimens loop runs in blocks of ``block_size`` draws; each block's patients use
 a seed derived from (seed, block) only, so a run on Dask (:func:`compare` with
@@ -69,7 +72,7 @@ ENDPOINTS: dict[str, tuple[str, str]] = {
     "APPETITE_G3_1Y": ("fraction", "rate"),
     "HYPONATREMIA_G3_1Y": ("fraction", "rate"),
     "ANY_AE_G3_1Y": ("fraction", "rate"),
-    "DOSE_INTENSITY": ("fraction of planned", "median"),
+    "DOSE_INTENSITY": ("fraction of planned", "mean"),
     "DOSE_REDUCED": ("fraction", "rate"),
     "REDUCTION_DAYS": ("days", "median"),
     "XPO1_INH_MEAN": ("fraction", "median"),
@@ -276,7 +279,7 @@ def _run_block(block: _Block) -> dict[str, Any]:
             for k in PATIENT_LEVEL:
                 x = c[k][j][np.isfinite(c[k][j])]
                 q = np.percentile(x, [50, 2.5, 97.5]) if len(x) else (np.nan,) * 3
-                row[k] = float(q[0])
+                row[k] = float(np.mean(x)) if k == "DOSE_INTENSITY" and len(x) else float(q[0])
                 row[f"{k}_P025"], row[f"{k}_P975"] = float(q[1]), float(q[2])
             rows.append(row)
         if block.curves:

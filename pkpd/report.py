@@ -38,7 +38,7 @@ LABELS = {
     "APPETITE_G3_1Y": "Anorexia grade ≥ 3",
     "HYPONATREMIA_G3_1Y": "Hyponatremia grade ≥ 3",
     "ANY_AE_G3_1Y": "Any grade ≥ 3 AE",
-    "DOSE_INTENSITY": "Dose intensity (median)",
+    "DOSE_INTENSITY": "Dose intensity (mean)",
     "DOSE_REDUCED": "Dose reduced",
     "REDUCTION_DAYS": "Time to first dose reduction (median of reduced patients, days)",
     "XPO1_INH_MEAN": "Mean XPO1 inhibition (median)",
@@ -333,6 +333,11 @@ def _sensitivity_html(c: Comparison) -> str:
     s = c.sensitivity
     if s is None or s.empty:
         return "<p>Sensitivity analysis not run.</p>"
+    ref = s[s["PARAMETER"] == "(reference)"]
+    ref_note = "<p>Reference decisions of the sensitivity run: " + ", ".join(
+        html.escape(f"{r.LOW_DOSE}: {r.DECISION} (P = {r.P_PROGRESSION_NONINFERIOR:.2f}, "
+                    f"{r.P_AE_LOWER:.2f}, {r.P_BENEFIT_VS_OBSERVATION:.2f})")
+        for r in ref.itertuples()) + ".</p>"
     flips = s[s["FLIPS"]]
     note = ("<p class='no'>Decision flips: " + ", ".join(
         html.escape(f"{r.LOW_DOSE}: {r.PARAMETER} at its {r.BOUND} bound ({r.VALUE:g} "
@@ -345,7 +350,7 @@ def _sensitivity_html(c: Comparison) -> str:
         f"<td>{_pct(r.P_AE_LOWER)}</td><td>{_pct(r.P_BENEFIT_VS_OBSERVATION)}</td>"
         f"<td class='{'no' if r.FLIPS else ''}'>{r.DECISION}</td></tr>"
         for r in s.itertuples())
-    return (note + "<details><summary>Table</summary><table><tr><th>Assumption</th>"
+    return (ref_note + note + "<details><summary>Table</summary><table><tr><th>Assumption</th>"
             "<th>Bound</th><th>Value</th><th>Low dose</th><th>P(prog. within margin)</th>"
             "<th>P(AE lower)</th><th>P(benefit)</th><th>Decision</th></tr>" + rows +
             "</table></details>")
@@ -381,7 +386,8 @@ modification, seed {s['seed']}. Standard dose: <b>{html.escape(c.standard)}</b>.
 {_decision_html(c)}
 <p><small>Probabilities are over parameter draws, using paired (same draw, same patients)
 differences. “Supported” needs all three probabilities ≥ {100 * s['threshold']:g} %.
-Progression at min(2, follow-up) years.</small></p>
+Progression at min(2, follow-up) years. Each draw's rates come from its {s['n']} patients, so
+the probabilities include the chance variation of a trial of that size.</small></p>
 <h2>Endpoints</h2>
 <p><small>Median over parameter draws (95 % interval: parameter uncertainty); for
 patient-level quantities, “patients” is the 2.5th–97.5th percentile range between patients
@@ -390,7 +396,8 @@ patient-level quantities, “patients” is the 2.5th–97.5th percentile range 
 <h2>Sensitivity to assumptions</h2>
 <p><small>Each assumption fixed at its lower and upper bound, the others at their first
 {s['sensitivity_draws']} draws, {s['sensitivity_n']} patients per draw (same patients for
-every setting); a flip is a decision different from the reference row of that run.</small></p>
+every setting); a flip is a decision different from the reference row of that run. With few
+patients per draw the reference can differ from the main decision above.</small></p>
 {_sensitivity_html(c)}
 <h2>Figures</h2>
 {''.join(figs)}
