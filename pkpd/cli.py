@@ -97,7 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--prior", action="store_true", help="draw the assumption parameters "
                      "from their stated ranges (log-uniform; uniform when lower = 0)")
-    src.add_argument("--fit", metavar="DIR", help="fit folder with posterior.nc")
+    src.add_argument("--fit", metavar="DIR", help="fit folder with posterior.nc: typical "
+                     "values of the parameters it holds; the other assumptions are drawn from "
+                     "their ranges unless --fit-only")
+    c.add_argument("--fit-only", action="store_true", help="with --fit: keep parameters not "
+                   "in the posterior at their values")
     c.add_argument("--regimen", action="append", default=None,
                    help='repeatable, e.g. "40 mg QW" (default: 40, 60 and 100 mg QW; '
                    'observation "none" is always added)')
@@ -431,6 +435,7 @@ def _compare(args: argparse.Namespace) -> int:
                   draws=args.draws, years=args.years, seed=args.seed, standard=args.standard,
                   margin_progression=args.margin_progression / 100,
                   margin_ae=args.margin_ae / 100, threshold=args.threshold,
+                  prior_rest=not args.fit_only,
                   sensitivity=sensitivity, sensitivity_n=args.sensitivity_n,
                   sensitivity_draws=args.sensitivity_draws, scheduler=scheduler,
                   progress=progress)

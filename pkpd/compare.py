@@ -427,6 +427,7 @@ def compare(regimens: Sequence[str], *, source: str | os.PathLike | pd.DataFrame
             years: float = 2.0, seed: int = 1, standard: str | None = None,
             observation: bool = True, margin_progression: float = 0.05,
             margin_ae: float = 0.10, threshold: float = 0.8,
+            prior_rest: bool = True,
             sensitivity: bool | Sequence[str] = True, sensitivity_n: int | None = None,
             sensitivity_draws: int | None = None, block_size: int = 5,
             model: Model | str = "selinexor_smm", scheduler: Any = None,
@@ -434,7 +435,9 @@ def compare(regimens: Sequence[str], *, source: str | os.PathLike | pd.DataFrame
     """Compare ``regimens`` on ``n`` patients per parameter draw over ``years``.
 
     ``source``: ``"prior"`` (assumption ranges of the model files, see :func:`prior_draws`),
-    a fit folder holding ``posterior.nc``, or a DataFrame of draws (one column per parameter).
+    a fit folder holding ``posterior.nc`` (its variables named like model parameters; with
+    ``prior_rest`` the assumptions it does not contain are drawn from their ranges, otherwise
+    they stay at their values), or a DataFrame of draws (one column per parameter).
     ``standard`` defaults to :func:`standard_regimen`; observation ("none") is added when
     ``observation`` (needed for P(benefit vs observation)). Margins are absolute fractions
     (0.05 = 5 percentage points). ``sensitivity``: True (every assumption with a range) or a
@@ -474,7 +477,13 @@ def compare(regimens: Sequence[str], *, source: str | os.PathLike | pd.DataFrame
         src_label = "prior"
     else:
         theta = posterior_draws(source, m, draws)
-        src_label = f"posterior {source}"
+        fitted = [k for k in theta.columns if k != "DRAW"]
+        src_label = f"posterior {source} ({', '.join(fitted)})"
+        if prior_rest:  # assumptions the fit did not estimate keep their prior uncertainty
+            rest = {k: v for k, v in prior_ranges(m).items() if k not in fitted}
+            if rest:
+                theta = theta.join(prior_draws(m, draws, seed, rest).drop(columns="DRAW"))
+                src_label += "; other assumptions from their prior ranges"
     unknown = [k for k in theta.columns if k != "DRAW" and k not in m.parameters]
     if unknown:
         raise CompareError(f"{m.name}: unknown parameter(s) {', '.join(unknown)}")

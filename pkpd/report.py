@@ -376,7 +376,7 @@ def render_html(c: Comparison, folder: Path) -> str:
         f"<li>{html.escape(k)}: {lo:g} – {hi:g} ({kind})</li>"
         for k, (lo, hi, kind) in s["ranges"].items() if k in s["drawn"])
     fixed_note = ("" if s["source"] == "prior" else
-                  "<p>Parameters not in the posterior stay at the model files' values.</p>")
+                  f"<p>Source: {html.escape(s['source'])}.</p>")
     return f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
 <title>Selinexor dose comparison</title><style>{CSS}</style></head><body>
 <h1>Selinexor in smoldering myeloma: low vs standard dose</h1>

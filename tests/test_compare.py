@@ -85,12 +85,20 @@ def _posterior(folder: Path, chains: int = 2, draws: int = 5) -> Path:
 def test_fit_source_uses_posterior_variables_named_like_parameters(tmp_path):
     fit = _posterior(tmp_path / "fit")
     c = compare(["40 mg QW"], source=fit, n=4, draws=3, years=0.25, seed=1,
-                sensitivity=False)
+                sensitivity=False, prior_rest=False)
     assert list(c.theta.columns) == ["DRAW", "KKILL"]  # "omega" is no model parameter
     import arviz as az
 
     post = az.from_netcdf(str(fit / "posterior.nc")).posterior["KKILL"].values.reshape(-1)
     assert np.allclose(c.theta["KKILL"], post[[0, 4, 9]])  # evenly spaced over 10 draws
+    # by default the assumptions the fit does not hold keep their prior uncertainty
+    m = load_model("selinexor_smm")
+    both = compare(["40 mg QW"], source=fit, n=2, draws=3, years=0.1, seed=1,
+                   sensitivity=False)
+    assert set(both.theta.columns) == {"DRAW", *prior_ranges(m)}
+    assert np.allclose(both.theta["KKILL"], post[[0, 4, 9]])
+    rest = prior_draws(m, 3, 1, {k: v for k, v in prior_ranges(m).items() if k != "KKILL"})
+    assert np.allclose(both.theta["KI"], rest["KI"])
     with pytest.raises(CompareError, match="exceeds the 10 posterior draws"):
         compare(["40 mg QW"], source=fit, n=4, draws=11, sensitivity=False)
 
