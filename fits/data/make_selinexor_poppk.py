@@ -1,8 +1,8 @@
 """Simulate the sparse-sampling selinexor popPK trial of fits/selinexor_poppk.toml.
 
 60 patients, selinexor 80 mg twice weekly (days 1 and 3 of each week) for 4 weeks; 4-6
-samples each: 2-3 after the first dose (0.5-24 h) and a trough plus 1-2 samples after the
-day-22 dose. Body weight ~ N(75, 15) kg (45-130), 40 % women. Truth = models/selinexor_pk.toml
+samples each: 2-3 after the first dose (0.5-24 h), one before the day-3 dose (47.9 h) and
+1-2 after the day-22 dose. DV has 4 significant digits. Body weight ~ N(75, 15) kg (45-130), 40 % women. Truth = models/selinexor_pk.toml
 typical values and IIV; residual error 20 % proportional. Run from the repository root:
 
     .venv/bin/python fits/data/make_selinexor_poppk.py
@@ -34,7 +34,7 @@ def main() -> None:
                                    replace=False))
         late = 504.0 + np.sort(rng.choice([1.0, 2.0, 4.0, 6.0], rng.integers(1, 3),
                                           replace=False))
-        times = [*first, 503.9, *late]
+        times = [*first, 47.9, *late]
         recs = [(t, 1) for t in DOSES_H] + [(float(t), 0) for t in times]
         recs.sort(key=lambda r: (r[0], -r[1]))  # dose before an observation at equal time
         for t, evid in recs:
@@ -45,7 +45,7 @@ def main() -> None:
     sim = simulate(model, df, iiv=True, seed=SEED + 1)["CP"].to_numpy()
     obs = df["EVID"].to_numpy() == 0
     dv = sim * (1 + PROP * rng.standard_normal(len(sim)))
-    df.loc[obs, "DV"] = np.round(dv[obs], 3)
+    df.loc[obs, "DV"] = [float(f"{v:.4g}") for v in dv[obs]]
     df.to_csv(HERE / "selinexor_poppk.csv", index=False, na_rep=".")
     truth = {"model": "selinexor_pk", "seed": SEED, "n_subjects": N,
              "regimen": "80 mg on days 1 and 3 of weeks 1-4",
