@@ -216,8 +216,9 @@ def plot_ae(c: Comparison, path: Path) -> None:
 
 
 def plot_tornado(c: Comparison, path: Path) -> None:
-    """Per low dose: P(progression non-inferior) and P(AE lower) with each assumption at
-    its lower and upper bound; the vertical line is the reference (draws of all)."""
+    """Per low dose and decision metric: the probability with each assumption at its lower and
+    upper bound (bars from the reference value, the run with every assumption drawn);
+    assumptions sorted by their largest swing; * marks those that flip the decision."""
     plt = _plt()
     s = c.sensitivity
     lows = list(c.decision["LOW_DOSE"]) if len(c.decision) else []
@@ -227,36 +228,42 @@ def plot_tornado(c: Comparison, path: Path) -> None:
         ax.axis("off")
         _save(fig, path)
         return
-    metrics = ("P_PROGRESSION_NONINFERIOR", "P_AE_LOWER")
+    metrics = {"P_PROGRESSION_NONINFERIOR": "P(2-y progression within margin)",
+               "P_AE_LOWER": "P(grade ≥ 3 AE lower by margin)",
+               "P_BENEFIT_VS_OBSERVATION": "P(benefit vs observation)"}
     params = [p for p in dict.fromkeys(s["PARAMETER"]) if p != "(reference)"]
-    fig, axes = plt.subplots(len(lows), 2, figsize=(11, 0.32 * len(params) * len(lows) + 2),
+    fig, axes = plt.subplots(len(lows), 3, figsize=(14, 0.3 * len(params) * len(lows) + 2.2),
                              squeeze=False)
     for i, low in enumerate(lows):
         d = s[s["LOW_DOSE"] == low]
         ref = d[d["PARAMETER"] == "(reference)"].iloc[0]
-        for ax, mname in zip(axes[i], metrics, strict=True):
+        flips = set(d[d["FLIPS"]]["PARAMETER"])
+        for ax, (mname, label) in zip(axes[i], metrics.items(), strict=True):
             base = ref[mname]
             lo = np.array([d[(d.PARAMETER == p) & (d.BOUND == "lower")][mname].iloc[0]
-                           for p in params])
+                           for p in params], dtype=float)
             hi = np.array([d[(d.PARAMETER == p) & (d.BOUND == "upper")][mname].iloc[0]
-                           for p in params])
-            order = np.argsort(np.abs(hi - lo))
+                           for p in params], dtype=float)
+            swing = np.nan_to_num(np.maximum(np.abs(lo - base), np.abs(hi - base)))
+            order = np.argsort(swing, kind="stable")
             y = np.arange(len(params))
-            ax.barh(y, lo[order] - base, left=base, color="C0", label="lower bound")
-            ax.barh(y, hi[order] - base, left=base, color="C1", alpha=0.7, label="upper bound")
-            flips = set(d[d["FLIPS"]]["PARAMETER"])
+            ax.barh(y + 0.2, lo[order] - base, left=base, height=0.4, color="C0",
+                    label="at lower bound")
+            ax.barh(y - 0.2, hi[order] - base, left=base, height=0.4, color="C1",
+                    label="at upper bound")
             ax.set_yticks(y, [params[j] + (" *" if params[j] in flips else "") for j in order],
                           fontsize=7)
             ax.axvline(base, color="k", lw=0.8)
             ax.axvline(c.settings["threshold"], color="C3", ls=":", lw=0.8)
             ax.set_xlim(-0.02, 1.02)
-            ax.set_xlabel(("P(progression within margin)" if mname.startswith("P_PROG")
-                           else "P(grade ≥ 3 AE lower by margin)") + " (probability)")
+            ax.set_xlabel(f"{label} (probability)", fontsize=8)
             ax.set_title(f"{low} vs {c.standard}", fontsize=9)
-        axes[i, 0].legend(frameon=False, fontsize=7)
-    fig.suptitle("* = the decision flips at a bound; dotted line: decision threshold",
-                 fontsize=8)
-    _save(fig, path)
+        axes[i, 0].legend(frameon=False, fontsize=7, loc="lower left")
+    fig.text(0.5, 0.005, "Black line: reference (all assumptions drawn); dotted: decision "
+             "threshold; * the decision flips at a bound", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_figures(c: Comparison, folder: Path) -> None:
