@@ -104,6 +104,19 @@ class Comparison:
     curves: dict[str, dict[str, np.ndarray]]  # regimen → PROG/PFS (draws, months), MSPIKE
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def decide(self, *, margin_progression: float | None = None,
+               margin_ae: float | None = None, threshold: float | None = None) -> pd.DataFrame:
+        """The decision table for other margins (fractions) or threshold, from the stored
+        per-draw endpoints (no new simulation); defaults are the run's settings."""
+        s = self.settings
+        obs = next((r for r in self.regimens if _is_observation(r)), None)
+        lows = [r for r in self.regimens if r != self.standard and not _is_observation(r)]
+        return _decision(self.draws, lows, self.standard, obs,
+                         s["margin_progression"] if margin_progression is None
+                         else margin_progression,
+                         s["margin_ae"] if margin_ae is None else margin_ae,
+                         s["threshold"] if threshold is None else threshold)
+
 
 # -- parameter draws ---------------------------------------------------------------------------
 

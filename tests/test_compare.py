@@ -35,12 +35,19 @@ def _truth(values: dict[str, float], draws: int = 5) -> pd.DataFrame:
 @pytest.mark.slow
 def test_decision_points_the_right_way_on_designed_truths():
     kw = dict(n=40, draws=5, years=1.5, seed=11, risk="high", sensitivity=False)
-    good = compare(REGIMENS, source=_truth(NONINFERIOR), **kw).decision.iloc[0]
+    res = compare(REGIMENS, source=_truth(NONINFERIOR), **kw)
+    good = res.decision.iloc[0]
     assert good["LOW_DOSE"] == "40 mg QW" and good["STANDARD"] == "100 mg QW"
     assert good["P_PROGRESSION_NONINFERIOR"] >= 0.8
     assert good["P_AE_LOWER"] >= 0.8
     assert good["P_BENEFIT_VS_OBSERVATION"] >= 0.8
     assert good["DECISION"] == "supported"
+
+    # margins move the metrics the right way without re-simulating
+    assert res.decision.equals(res.decide())
+    strict = res.decide(margin_ae=0.9).iloc[0]  # AEs cannot fall by 90 points
+    assert strict["P_AE_LOWER"] == 0.0 and strict["DECISION"] == "not supported"
+    assert res.decide(threshold=1.0).iloc[0]["P_AE_LOWER"] == good["P_AE_LOWER"]
 
     bad = compare(REGIMENS, source=_truth(INFERIOR), **kw).decision.iloc[0]
     assert bad["P_PROGRESSION_NONINFERIOR"] <= 0.5
