@@ -390,7 +390,8 @@ def sample_nutpie(compiled, s: Sampler):
 
     return nutpie.sample(compiled, draws=s.draws, tune=s.tune, chains=s.chains, seed=s.seed,
                          target_accept=s.target_accept, progress_bar=s.progress,
-                         cores=s.cores or min(s.chains, os.cpu_count() or 1))
+                         cores=s.cores or min(s.chains, os.cpu_count() or 1),
+                         save_warmup=False)
 
 
 def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,

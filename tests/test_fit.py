@@ -215,4 +215,8 @@ def test_pheno_posterior_medians_match_nonmem(tmp_path):
     for k, w2 in PHENO_OMEGA2.items():
         assert abs(s.loc[f"omega_{k}", "median"] / np.sqrt(w2) - 1) < 0.35, k
     assert abs(s.loc["sigma_prop_CP", "median"] / np.sqrt(PHENO_SIGMA2) - 1) < 0.35
+    # η-shrinkage (SD) from the posterior-mean EBEs vs NONMEM's ETASHRINKSD 47.6 % and 13.6 %
+    # (pheno.lst): within 12 percentage points
+    assert abs(s.loc["omega_CL", "shrinkage_percent"] - 47.6) < 12
+    assert abs(s.loc["omega_V", "shrinkage_percent"] - 13.6) < 12
     assert res.diagnostics()["divergences"] == 0
