@@ -53,7 +53,7 @@ def dataset(n: int, seed: int = 0, ka: float = 2.0) -> pd.DataFrame:
 
 
 def recovery(n_rep: int, n_sub: int = 40, draws: int = 500, tune: int = 500,
-             chains: int = 4) -> dict:
+             chains: int = 4, target_accept: float = 0.8) -> dict:
     from pkpd.fitting import Sampler, build, compile_nutpie, sample_nutpie
 
     m = load_model("pk_1cmt_oral")
@@ -85,7 +85,8 @@ def recovery(n_rep: int, n_sub: int = 40, draws: int = 500, tune: int = 500,
     for r in range(n_rep):
         t1 = time.perf_counter()
         idata = sample_nutpie(compiled.with_data(dv_CP=replicate(r)),
-                              Sampler(chains, draws, tune, seed=r + 1, progress=False))
+                              Sampler(chains, draws, tune, seed=r + 1,
+                                      target_accept=target_accept, progress=False))
         times.append(time.perf_counter() - t1)
         post = idata.posterior
         divs.append(int(idata.sample_stats["diverging"].values.sum()))
@@ -99,7 +100,7 @@ def recovery(n_rep: int, n_sub: int = 40, draws: int = 500, tune: int = 500,
             hits.append(ok)
             per_param[k] += ok
     return {"replicates": n_rep, "subjects": n_sub, "chains": chains, "draws": draws,
-            "tune": tune, "compile_s": round(t_compile, 1),
+            "tune": tune, "target_accept": target_accept, "compile_s": round(t_compile, 1),
             "sampling_s_per_replicate": round(float(np.mean(times)), 1),
             "coverage_90_CrI": round(float(np.mean(hits)), 3),
             "coverage_by_parameter": {k: f"{v}/{n_rep}" for k, v in per_param.items()},
@@ -120,7 +121,7 @@ def main() -> None:
     ap.add_argument("--ka", type=float, default=2.0, help="true KA (1/h)")
     args = ap.parse_args()
     if args.recovery:
-        print(json.dumps(recovery(args.recovery), indent=2))
+        print(json.dumps(recovery(args.recovery, target_accept=args.target_accept), indent=2))
         return
     df = dataset(args.n, ka=args.ka)
     t0 = time.perf_counter()

@@ -1093,7 +1093,10 @@ def _plot_individual(res: FitResult, n: int = 12, path=None):
         tt = d["TIME"].to_numpy()
         if np.any(np.diff(tt) < 0):  # time restarts after a reset: no dense grid
             continue
-        for g in np.linspace(tt.min(), tt.max(), 120):
+        for g in np.unique(np.r_[np.linspace(tt.min(), tt.max(), 400), tt,
+                                 tt + 0.5, tt + 1.0, tt + 2.0]):
+            if g > tt.max():
+                continue
             grid_rows.append({"ID": i, "TIME": g, "EVID": 2, "MDV": 1})
     grid = pd.DataFrame(grid_rows)
     full = pd.concat([sub.assign(_k=0), grid.assign(_k=1)], ignore_index=True)

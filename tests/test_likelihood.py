@@ -85,6 +85,7 @@ def test_multi_dose_matches_simulator_and_ode_reference(model):
     assert np.all(cp[df["TIME"].to_numpy()[obs] > 0.5] > 0)
 
 
+@pytest.mark.slow
 def test_gradient_matches_finite_differences():
     """d(Σ log CP)/d(log θ) from the graph equals central finite differences (lag and F are
     parameters, so dose timing is differentiated too)."""
