@@ -211,9 +211,10 @@ class Model:
     def linear_part(self) -> tuple[tuple[int, ...], LinearForm] | None:
         """The states of a nonlinear model that form a linear time-invariant subsystem driven
         by nothing else and entered by the doses (typically the PK compartments), with that
-        subsystem's LTI form; None when there are none. Solvers give these states their exact solution and integrate only
-        the rest. Pure accumulators (dx/dt free of x, e.g. cumulative hazards) stay with the
-        rest: they are not stiff and would only repeat the eigenvalue 0."""
+        subsystem's LTI form; None when there are none. Solvers give these states their exact
+        solution and integrate only the rest. Pure accumulators (dx/dt free of x, e.g.
+        cumulative hazards) stay with the rest: they are not stiff and would only repeat the
+        eigenvalue 0."""
         xs = self.state_symbols
         f = [self.odes[s] for s in self.states]
         lti = set()
