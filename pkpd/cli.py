@@ -135,6 +135,18 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(run=_models)
 
+    d = sub.add_parser("demo", help="the whole analysis on a small example: simulate an SMM "
+                       "trial, fit, compare 40/60/100 mg QW, write the report")
+    d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    d.add_argument("--n", type=int, default=30, help="patients in the simulated data set")
+    d.add_argument("--draws", type=int, default=40, help="parameter draws in the comparison")
+    d.add_argument("--patients", type=int, default=100,
+                   help="virtual patients per draw and regimen")
+    d.add_argument("--fit-draws", type=int, default=400,
+                   help="draws (and tuning steps) per chain of the PK fit, 2 chains")
+    d.add_argument("--seed", type=int, default=1)
+    d.set_defaults(run=_demo)
+
     f = sub.add_parser("fit", help="hierarchical Bayesian population fit from a spec (TOML)",
                        description="Fit the spec's model to its data with NUTS (nutpie) and "
                        "write fits/<name>/: posterior.nc, summary.csv, diagnostics.json, "
@@ -457,6 +469,27 @@ def _compare(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"pkpd: wrote {out}/report.html ({time.perf_counter() - started:.0f} s)",
           file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import os
+
+    from .demo import run_demo
+
+    for name in ("n", "draws", "patients", "fit_draws"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got "
+                           f"{getattr(args, name)}")
+    out = Path(args.out)
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK) or (out.exists() and (
+            not out.is_dir() or not os.access(out, os.W_OK))):
+        raise CliError(f"cannot write to {out}: not a writable directory")
+    report = run_demo(out, n=args.n, draws=args.draws, patients=args.patients,
+                      fit_draws=args.fit_draws, seed=args.seed)
+    print(f"report: {report}")
     return 0
 
 
