@@ -14,12 +14,13 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["01_selinexor_pk_and_xpo1"])
+@pytest.mark.parametrize("name", ["01_selinexor_pk_and_xpo1", "02_fit_population_model"])
 def test_notebook_runs(name, tmp_path, monkeypatch):
     path = NOTEBOOKS / f"{name}.ipynb"
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stored clean
     monkeypatch.setenv("PKPD_NOTEBOOK_N", "40")
+    monkeypatch.setenv("PKPD_NOTEBOOK_DRAWS", "100")
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
