@@ -811,14 +811,25 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         data = "data/x.csv"          # NONMEM CSV, relative to the spec
         iiv = "diagonal"             # or "block" (LKJ)
         parameterization = "noncentred"   # or "centred" (rich individual data)
-        [[endpoints]]
-        output = "CP"; error = "proportional"; dvid = 1; sigma_prop = 0.5
+        [[endpoints]]                     # one table per endpoint
+        output = "CP"                     # a model output
+        error = "proportional"            # additive | proportional | combined | lognormal
+        dvid = 1                          # optional (required with several endpoints)
+        sigma_prop = 0.5                  # half-normal prior scale (sigma_add likewise)
         [priors]
         CL = { median = 16, sd = 0.5 }    # log-normal; { mean, sd }: normal; { fixed = 16 }
         [priors.omega]
         CL = 0.5                          # half-normal scale of ω_CL
-        [sampler]
-        chains = 4; draws = 1000; tune = 1000; seed = 1; target_accept = 0.8; engine = "nutpie"
+        [sampler]                         # defaults shown; engine "pymc" is the fallback
+        chains = 4
+        draws = 1000
+        tune = 1000
+        seed = 1
+        target_accept = 0.8
+        engine = "nutpie"
+
+    BLQ records: a ``CENS`` column (1 = below LLOQ, DV = LLOQ) or ``BLQ``/``BLOQ`` with
+    ``LLOQ``; they enter by the M3 method.
     """
     path = Path(path)
     try:
