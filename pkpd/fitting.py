@@ -200,7 +200,8 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
     import pymc as pm
     import pytensor.tensor as pt
 
-    from .likelihood import LinearPredictor, to_pytensor
+    from .likelihood import to_pytensor
+    from .sensitivity import predictor
 
     ds = data if isinstance(data, Dataset) else from_frame(data)
     priors = dict(priors or {})
@@ -219,7 +220,7 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                                f"{', '.join(ERROR_MODELS)}, got {ep.error!r}")
     obs = _observations(ds, endpoints, where)
     rows = np.unique(np.concatenate([o["rows"] for o in obs.values()]))
-    pred = LinearPredictor(model, ds, rows=rows)
+    pred = predictor(model, ds, rows=rows)  # closed form, or compiled sensitivities
     pos = {r: j for j, r in enumerate(rows)}
     for o in obs.values():
         o["pos"] = np.array([pos[r] for r in o["rows"]])
@@ -1121,9 +1122,9 @@ def _plot_individual(res: FitResult, n: int = 12, path=None):
         if col in full:
             full[col] = full.groupby("ID")[col].transform(lambda s: s.bfill().ffill())
     rows = np.flatnonzero(full["EVID"].to_numpy() == 2)
-    from .likelihood import LinearPredictor
+    from .sensitivity import predictor
 
-    lp = LinearPredictor(res.model, full, rows=rows)
+    lp = predictor(res.model, full, rows=rows)
     fn = lp.compile([ep.output])
     med = {k: float(np.median(res._draws(k))) for k in b.estimated}
     theta = {**b.fixed, **med}

@@ -34,7 +34,7 @@ from sympy.printing.pycode import PythonCodePrinter
 from ..events import BOLUS, RATE, RESET, STEADY, EventTable
 from .linear import Spectral
 
-__all__ = ["Unsupported", "compiled_rhs", "integrate_events"]
+__all__ = ["Unsupported", "compiled_rhs", "integrate_events", "kernel_source", "load_kernel"]
 
 
 class Unsupported(ValueError):
@@ -318,9 +318,13 @@ class _Printer(PythonCodePrinter):
 
 
 def _source(model) -> str:
-    states = model.state_symbols
-    args = [sp.Symbol(k, real=True) for k in (*model.parameters, *model.covariates)]
-    exprs = [model.odes[s] for s in model.states]
+    return kernel_source([model.odes[s] for s in model.states], model.state_symbols,
+                         [sp.Symbol(k, real=True) for k in (*model.parameters,
+                                                            *model.covariates)])
+
+
+def kernel_source(exprs, states, args) -> str:
+    """Source of a kernel module for dx/dt = exprs(states, args, t) (sympy expressions)."""
     names: dict[sp.Symbol, str] = {}
     for i, x in enumerate(states):
         names[x] = f"x[{i}]"
@@ -359,6 +363,11 @@ def compiled_rhs(model):
     src = model._compiled.get("numba kernel source")
     if src is None:
         src = model._compiled["numba kernel source"] = _source(model)
+    return load_kernel(src)
+
+
+def load_kernel(src: str):
+    """Import (compiling on first use) the kernel module of generated source ``src``."""
     key = hashlib.sha256((src + numba.__version__).encode()).hexdigest()[:20]
     mod = _MODULES.get(key)
     if mod is not None:
@@ -387,12 +396,13 @@ def compiled_rhs(model):
 def integrate_events(model, ev: EventTable, x0: np.ndarray, p: np.ndarray,
                      out_subject: np.ndarray, out_time: np.ndarray, out_event: np.ndarray,
                      *, exact: Spectral | None = None, rtol: float = 1e-6,
-                     atol: float = 1e-9) -> np.ndarray:
+                     atol: float = 1e-9, kernel=None) -> np.ndarray:
     """Amounts (n_out, S) at outputs given by subject, time and the index of the last event
     processed before each. ``x0`` (n_sub, S) initial amounts (restored by resets), ``p``
     (n_sub, n_parameters + n_covariates) in the model's order. ``exact``: the closed form of
     the model's :attr:`~pkpd.model.Model.linear_part` for these subjects, with its constant
-    inputs as ``exact.base`` (n_sub, nL); those states are then solved exactly."""
+    inputs as ``exact.base`` (n_sub, nL); those states are then solved exactly. ``kernel``:
+    another compiled system (e.g. with sensitivities) whose first states are the model's."""
     n_sub = x0.shape[0]
     if np.any(ev.kind == STEADY):
         raise Unsupported("steady-state records need the reference ODE solver")
@@ -400,7 +410,7 @@ def integrate_events(model, ev: EventTable, x0: np.ndarray, p: np.ndarray,
     back &= ev.subject[1:] == ev.subject[:-1]
     if back.any():
         raise Unsupported("time runs backwards after a reset: use the reference ODE solver")
-    mod = compiled_rhs(model)
+    mod = compiled_rhs(model) if kernel is None else kernel
     order = np.lexsort((out_time, out_event, out_subject))
     ev_bounds = np.searchsorted(ev.subject, np.arange(n_sub + 1))
     out_bounds = np.searchsorted(out_subject[order], np.arange(n_sub + 1))
