@@ -476,6 +476,17 @@ def write_nonmem(dataset_or_df: Dataset | pd.DataFrame, path: str | os.PathLike[
         writer.writerows(zip(*cells, strict=True))
 
 
+def for_model(data: Dataset | pd.DataFrame, model) -> Dataset:
+    """``data`` as a Dataset checked against ``model`` (a :class:`pkpd.model.Model`):
+    compartments, modeled rates/durations, covariates (defaults filled), dose compartment."""
+    ds = data if isinstance(data, Dataset) else from_frame(data)
+    return check_against_model(
+        ds, compartments=set(model.cmt_numbers), modeled_rate=model.modeled_rate_cmts,
+        modeled_duration=model.modeled_duration_cmts,
+        covariates={k: c.default for k, c in model.covariates.items()},
+        default_dose_cmt=model.default_dose_cmt) or ds
+
+
 def check_against_model(
     ds: Dataset,
     *,

@@ -37,7 +37,7 @@ import pytensor
 import pytensor.tensor as pt
 import sympy as sp
 
-from .dataset import Dataset, check_against_model, from_frame
+from .dataset import Dataset, for_model
 from .model import TIME, Model
 from .solvers.linear import block_eigenvalues, phi
 
@@ -184,7 +184,25 @@ class _Doses:
     ii: np.ndarray        # (S, D) II (SS kinds), h
 
 
-class LinearPredictor:
+class SubjectParameters:
+    """Per-subject typical values and covariates, shared by the predictors (needs
+    ``self.model``, ``self.n_subjects`` and ``self._cov_sub``)."""
+
+    def individual_typical(self, theta: Mapping[str, float] | None = None
+                           ) -> dict[str, np.ndarray]:
+        """Typical individual values (covariate model, η = 0) per subject (numpy)."""
+        theta = {**self.model.theta, **(theta or {})}
+        S = self.n_subjects
+        return {k: np.broadcast_to(np.asarray(v, dtype=float), (S,)).copy()
+                for k, v in self.model.typical_individual(theta, self._cov_sub).items()}
+
+    @property
+    def subject_covariates(self) -> dict[str, np.ndarray]:
+        """Covariates at each subject's first record (used by the covariate model)."""
+        return dict(self._cov_sub)
+
+
+class LinearPredictor(SubjectParameters):
     """Predictions of a linear model (closed form) at chosen records of a NONMEM data set.
 
     ``rows`` selects the output records (default: every EVID 0 record). Parameters are given
@@ -209,12 +227,7 @@ class LinearPredictor:
             raise LikelihoodError(f"{model.name}: non-zero initial amounts are not supported "
                                   "by the closed-form likelihood")
         self.model = model
-        ds = data if isinstance(data, Dataset) else from_frame(data)
-        ds = check_against_model(
-            ds, compartments=set(model.cmt_numbers), modeled_rate=model.modeled_rate_cmts,
-            modeled_duration=model.modeled_duration_cmts,
-            covariates={k: c.default for k, c in model.covariates.items()},
-            default_dose_cmt=model.default_dose_cmt) or ds
+        ds = for_model(data, model)
         self.dataset = ds
         df = ds.data
         ids = df["ID"].to_numpy()
@@ -451,16 +464,3 @@ class LinearPredictor:
             return dict(zip(keys, fn(*vals), strict=True))
 
         return evaluate
-
-    def individual_typical(self, theta: Mapping[str, float] | None = None
-                           ) -> dict[str, np.ndarray]:
-        """Typical individual values (covariate model, η = 0) per subject (numpy)."""
-        theta = {**self.model.theta, **(theta or {})}
-        S = self.n_subjects
-        return {k: np.broadcast_to(np.asarray(v, dtype=float), (S,)).copy()
-                for k, v in self.model.typical_individual(theta, self._cov_sub).items()}
-
-    @property
-    def subject_covariates(self) -> dict[str, np.ndarray]:
-        """Covariates at each subject's first record (used by the covariate model)."""
-        return dict(self._cov_sub)

@@ -25,8 +25,9 @@ from pytensor.gradient import DisconnectedType
 from pytensor.graph.basic import Apply
 from pytensor.graph.op import Op
 
-from .dataset import Dataset, check_against_model, from_frame
+from .dataset import Dataset, for_model
 from .events import Doses, build_events
+from .likelihood import SubjectParameters
 from .model import TIME, Model
 from .solvers.compiled import integrate_events, kernel_source, load_kernel
 
@@ -50,7 +51,7 @@ def predictor(model: Model, data: Dataset | pd.DataFrame,
     return NonlinearPredictor(model, data, rows=rows)
 
 
-class NonlinearPredictor:
+class NonlinearPredictor(SubjectParameters):
     """Outputs of a (nonlinear) model at chosen records of a NONMEM data set, with their
     derivatives with respect to every individual parameter.
 
@@ -66,12 +67,7 @@ class NonlinearPredictor:
             raise SensitivityError(f"{model.name}: dose parameters (F, ALAG, R, D) are not "
                                    "differentiated yet; give them as data")
         self.model, self.rtol, self.atol = model, rtol, atol
-        ds = data if isinstance(data, Dataset) else from_frame(data)
-        ds = check_against_model(
-            ds, compartments=set(model.cmt_numbers), modeled_rate=model.modeled_rate_cmts,
-            modeled_duration=model.modeled_duration_cmts,
-            covariates={k: c.default for k, c in model.covariates.items()},
-            default_dose_cmt=model.default_dose_cmt) or ds
+        ds = for_model(data, model)
         df = ds.data
         self.dataset = ds
         ids = df["ID"].to_numpy()
@@ -188,19 +184,6 @@ class NonlinearPredictor:
             return self.evaluate(params, outputs)[0]
 
         return evaluate
-
-    def individual_typical(self, theta: Mapping[str, float] | None = None
-                           ) -> dict[str, np.ndarray]:
-        """Typical individual values (covariate model, η = 0) per subject (numpy)."""
-        theta = {**self.model.theta, **(theta or {})}
-        S = self.n_subjects
-        return {k: np.broadcast_to(np.asarray(v, dtype=float), (S,)).copy()
-                for k, v in self.model.typical_individual(theta, self._cov_sub).items()}
-
-    @property
-    def subject_covariates(self) -> dict[str, np.ndarray]:
-        """Covariates at each subject's first record (used by the covariate model)."""
-        return dict(self._cov_sub)
 
 
 class _PredictOp(Op):

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import sympy as sp
 
-from .dataset import Dataset, DatasetError, check_against_model, from_frame
+from .dataset import Dataset, DatasetError, for_model
 from .events import (
     BOLUS,
     RATE,
@@ -75,12 +75,7 @@ def simulate(model: Model, data: Dataset | pd.DataFrame, *, params: Mapping[str,
     Columns: ID, TIME, EVID and every model output. Typical values unless ``iiv`` (η drawn
     with ``seed``) or ``eta`` (dict of per-subject arrays) is given.
     """
-    ds = data if isinstance(data, Dataset) else from_frame(data)
-    ds = check_against_model(
-        ds, compartments=set(model.cmt_numbers), modeled_rate=model.modeled_rate_cmts,
-        modeled_duration=model.modeled_duration_cmts,
-        covariates={k: c.default for k, c in model.covariates.items()},
-        default_dose_cmt=model.default_dose_cmt) or ds
+    ds = for_model(data, model)
     df = ds.data
     ids = df["ID"].to_numpy()
     first = np.r_[True, ids[1:] != ids[:-1]]
