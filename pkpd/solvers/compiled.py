@@ -40,6 +40,7 @@ __all__ = ["Unsupported", "compiled_rhs", "integrate_events", "kernel_source", "
 class Unsupported(ValueError):
     """The event table needs the reference solver (steady state, time running backwards)."""
 
+
 _KERNEL = '''
 import math
 import numpy as np
@@ -424,13 +425,11 @@ def integrate_events(model, ev: EventTable, x0: np.ndarray, p: np.ndarray,
     run = mod.integrate_parallel if n_sub >= PARALLEL_FROM and numba.get_num_threads() > 1 \
         else mod.integrate
     steps = run(ev_bounds, ev.time.astype(float), ev.kind.astype(np.int64),
-                          ev.cmt.astype(np.int64), ev.value.astype(float), out_bounds,
-                          out_time[order].astype(float), out_event[order].astype(np.int64),
-                          np.ascontiguousarray(x0, dtype=float),
-                          np.ascontiguousarray(p, dtype=float), L,
-                          np.ascontiguousarray(lam, dtype=float),
-                          np.ascontiguousarray(P, dtype=float),
-                          np.ascontiguousarray(base, dtype=float), float(rtol), float(atol), out)
+                ev.cmt.astype(np.int64), ev.value.astype(float), out_bounds,
+                out_time[order].astype(float), out_event[order].astype(np.int64),
+                np.ascontiguousarray(x0, dtype=float), np.ascontiguousarray(p, dtype=float), L,
+                np.ascontiguousarray(lam, dtype=float), np.ascontiguousarray(P, dtype=float),
+                np.ascontiguousarray(base, dtype=float), float(rtol), float(atol), out)
     if np.any(steps < 0):
         s = int(np.flatnonzero(steps < 0)[0])
         raise FloatingPointError(f"non-finite amounts for subject index {s}")
