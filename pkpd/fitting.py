@@ -498,7 +498,8 @@ class FitResult:
         return out
 
     def check(self, stream=None) -> list[str]:
-        """Sampling problems (divergences, R-hat > 1.01, ESS < 400), printed and recorded."""
+        """Sampling problems (divergences, R-hat > 1.01, ESS < 400), recorded and reported
+        once: printed on ``stream`` if given, else as Python warnings (notebooks)."""
         d = self.diagnostics()
         msgs = []
         if d["divergences"]:
@@ -509,10 +510,11 @@ class FitResult:
         if min(d["min_ess_bulk"], d["min_ess_tail"]) < 400:
             msgs.append(f"min ESS {min(d['min_ess_bulk'], d['min_ess_tail']):.0f} < 400")
         self.warnings = msgs
-        for m in msgs:
-            warnings.warn(f"pkpd fit: {m}", stacklevel=2)
+        for m in msgs:  # once: on the stream when given (CLI), else as a Python warning
             if stream is not None:
                 print(f"pkpd: warning: {m}", file=stream)
+            else:
+                warnings.warn(f"pkpd fit: {m}", stacklevel=2)
         return msgs
 
     def _summary_vars(self) -> list[str]:
