@@ -230,13 +230,10 @@ def _summary(p: pd.DataFrame, years: float) -> pd.DataFrame:
         rate("SRE_1Y", int(d["SRE_1Y"].sum()), n)
         for ae in AES:
             rate(f"{ae}_G3_1Y", int(d[f"{ae}_G3"].sum()), n)
-        for col in ("MSPIKE_CHANGE_1Y", "SFLC_CHANGE_1Y"):
+        for col in ("MSPIKE_CHANGE_1Y", "SFLC_CHANGE_1Y", "XPO1_INH_MEAN"):
             q = d[col].quantile([0.5, 0.025, 0.975]).to_numpy()
             rows.append({"RISK": group, "ENDPOINT": f"{col}_MEDIAN", "N": n,
                          "ESTIMATE": q[0], "LOWER": q[1], "UPPER": q[2]})
-        q = d["XPO1_INH_MEAN"].quantile([0.5, 0.025, 0.975]).to_numpy()
-        rows.append({"RISK": group, "ENDPOINT": "XPO1_INH_MEAN_MEDIAN", "N": n,
-                     "ESTIMATE": q[0], "LOWER": q[1], "UPPER": q[2]})
         rows.append({"RISK": group, "ENDPOINT": "DOSE_INTENSITY", "N": n,
                      "ESTIMATE": float(d["DOSE_INTENSITY"].mean()), "LOWER": np.nan,
                      "UPPER": np.nan})
