@@ -200,10 +200,7 @@ def simulate_records(model: Model, df: pd.DataFrame, subject: np.ndarray, n_sub:
             try:
                 if out_event is None:
                     out_subject, out_time, out_event = flat_grid()
-                p = np.stack([par_sub[k] for k in model.parameters]
-                             + [np.broadcast_to(cov_sub[k], (n_sub,)) for k in model.covariates],
-                             axis=1) if model.parameters or model.covariates else np.zeros(
-                                 (n_sub, 0))
+                p = _parameter_table(model, par_sub, cov_sub, n_sub)
                 amounts = integrate_events(model, events, x0, p, out_subject, out_time,
                                            out_event, exact=_exact_part(model, par_sub, cov_sub,
                                                                         n_sub),
@@ -244,8 +241,7 @@ class Course:
                     individual.items()}
         self.cov = {k: np.broadcast_to(np.asarray(covariates[k], dtype=float), (n,))
                     for k in model.covariates}
-        self.p = np.stack([self.par[k] for k in model.parameters]
-                          + [self.cov[k] for k in model.covariates], axis=1)
+        self.p = _parameter_table(model, self.par, self.cov, n)
         self.exact = _exact_part(model, self.par, self.cov, n)
         self.x = (_per_subject(model, [c.init for c in model.compartments], self.par, self.cov,
                                n) if x0 is None else np.array(x0, dtype=float))
@@ -317,6 +313,14 @@ def _per_subject_matrix(model: Model, A: sp.Matrix, par, cov, n_sub: int) -> np.
     return out
 
 
+def _parameter_table(model: Model, par, cov, n_sub: int) -> np.ndarray:
+    """(n_sub, parameters + covariates) in the model's order: the compiled kernels' ``p``."""
+    cols = [np.broadcast_to(np.asarray(par[k], dtype=float), (n_sub,)) for k in model.parameters]
+    cols += [np.broadcast_to(np.asarray(cov[k], dtype=float), (n_sub,))
+             for k in model.covariates]
+    return np.stack(cols, axis=1) if cols else np.zeros((n_sub, 0))
+
+
 def _exact_part(model: Model, par, cov, n_sub: int) -> Spectral | None:
     """Closed form of the model's linear part for these subjects (None: none, or not
     well-conditioned for some subject; then every state is integrated)."""
@@ -339,16 +343,13 @@ def _rhs(model: Model, par, cov, n_sub: int):
     args = [sp.Symbol(k, real=True) for k in (*model.parameters, *model.covariates)]
     fn = sp.lambdify([*args, *model.state_symbols, TIME],
                      [model.odes[k] for k in model.states], modules="math", cse=True)
-    table = np.stack([np.broadcast_to(np.asarray(par[k], dtype=float), (n_sub,))
-                      for k in model.parameters]
-                     + [np.broadcast_to(np.asarray(cov[k], dtype=float), (n_sub,))
-                        for k in model.covariates] + [np.zeros(n_sub)], axis=-1)
+    table = _parameter_table(model, par, cov, n_sub)
     cache: dict[int, list[float]] = {}
 
     def rhs(s: int, t: float, x: np.ndarray, r: np.ndarray) -> np.ndarray:
         vals = cache.get(s)
         if vals is None:
-            vals = cache[s] = table[s, :-1].tolist()
+            vals = cache[s] = table[s].tolist()
         return np.array(fn(*vals, *x.tolist(), t), dtype=float) + r
 
     return rhs
