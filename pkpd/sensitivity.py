@@ -97,6 +97,15 @@ class NonlinearPredictor(SubjectParameters):
         self.out_event = np.searchsorted(self.events.slot, rows, side="right") - 1
         self._system()
 
+    # pickling (PyMC's multiprocess sampling): generated functions are rebuilt, not copied
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_kernel", "_init",
+                                                                      "_out")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._system()
+
     # -- the augmented system -----------------------------------------------------------
     def _system(self) -> None:
         m = self.model

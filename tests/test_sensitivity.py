@@ -87,3 +87,14 @@ def test_steady_state_records_are_refused(xpo1_data):
     ss.loc[0, ["SS", "II"]] = [1.0, 168.0]
     with pytest.raises(SensitivityError, match="steady-state"):
         NonlinearPredictor(load_model("selinexor_xpo1"), ss)
+
+
+def test_predictor_survives_pickling(xpo1_pred):
+    """PyMC's multiprocess sampler pickles the model graph, Op and predictor included."""
+    import pickle
+
+    theta = xpo1_pred.individual_typical()
+    copy = pickle.loads(pickle.dumps(xpo1_pred))
+    a = xpo1_pred.evaluate(theta, ["XPO1_INH"])[0]["XPO1_INH"]
+    b = copy.evaluate(theta, ["XPO1_INH"])[0]["XPO1_INH"]
+    np.testing.assert_array_equal(a, b)
