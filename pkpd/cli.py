@@ -316,10 +316,7 @@ def _trial(args: argparse.Namespace) -> int:
         raise CliError(f"--risk: {exc}") from None
     dose_ladder(args.regimen)  # a bad regimen fails here, before any work
     out = Path(args.out)
-    parent = out.resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK) or (
-            out.exists() and (not out.is_dir() or not os.access(out, os.W_OK))):
-        raise CliError(f"cannot write to {out}: not a writable directory")
+    parent = _writable_folder(out)
     started = time.perf_counter()
 
     def progress(week: int, total: int) -> None:
@@ -425,10 +422,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.fit and not (Path(args.fit) / "posterior.nc").is_file():
         raise CliError(f"--fit {args.fit}: no such fit directory with posterior.nc")
     out = Path(args.out)
-    parent = out.resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK) or (
-            out.exists() and (not out.is_dir() or not os.access(out, os.W_OK))):
-        raise CliError(f"cannot write to {out}: not a writable directory")
+    parent = _writable_folder(out)
     started = time.perf_counter()
     tty = sys.stderr.isatty()
 
@@ -472,8 +466,18 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _writable_folder(out: Path) -> Path:
+    """Check that ``out`` can be created or written as a folder; returns its parent."""
     import os
+
+    parent = out.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (
+            out.exists() and (not out.is_dir() or not os.access(out, os.W_OK))):
+        raise CliError(f"cannot write to {out}: not a writable directory")
+    return parent
+
+
+def _demo(args: argparse.Namespace) -> int:
 
     from .demo import run_demo
 
@@ -482,11 +486,8 @@ def _demo(args: argparse.Namespace) -> int:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got "
                            f"{getattr(args, name)}")
     out = Path(args.out)
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK) or (out.exists() and (
-            not out.is_dir() or not os.access(out, os.W_OK))):
-        raise CliError(f"cannot write to {out}: not a writable directory")
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    _writable_folder(out)
     report = run_demo(out, n=args.n, draws=args.draws, patients=args.patients,
                       fit_draws=args.fit_draws, seed=args.seed)
     print(f"report: {report}")
