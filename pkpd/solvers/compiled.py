@@ -299,6 +299,8 @@ def integrate(ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds, out_tim
     return steps
 
 
+# The serial driver is kept separate (not prange under parallel=False): compiling the
+# parallel variant costs seconds, and numba's on-disk cache keys one function per flag set.
 @njit(cache=True, parallel=True)
 def integrate_parallel(ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds, out_time,
                        out_event, x0, p, L, lam, P, cL, rtol, atol, out):
