@@ -36,16 +36,15 @@ __all__ = ["demo_dataset", "run_demo"]
 
 REGIMENS = ("40 mg QW", "60 mg QW", "100 mg QW")
 PK_TIMES = (1.0, 3.0, 24.0, 168.0 * 4 + 2.0, 168.0 * 8 + 48.0)  # h after the first dose
-MSPIKE_WEEKS = (0, 4, 8, 12)
 PROP_CP, PROP_MSPIKE = 0.20, 0.05  # proportional residual error (fraction)
 # the assumptions the decision depends on most (the full scan is `pkpd compare`'s default)
 SENSITIVITY = ("KKILL", "FRES", "KI", "KOFF", "KDEG", "EC50")
 
 
-def demo_dataset(n: int = 30, seed: int = 1) -> pd.DataFrame:
-    """NONMEM data set of ``n`` SMM patients (one third per regimen): doses (EVID 1, CMT 1),
-    CP samples (DVID 1, CMT 2, ng/mL) and M-spike (DVID 2, CMT 8, g/dL); covariates of the
-    virtual SMM population."""
+def demo_dataset(n: int = 30, seed: int = 1, weeks: int = 12) -> pd.DataFrame:
+    """NONMEM data set of ``n`` SMM patients (one third per regimen) dosed weekly for
+    ``weeks`` weeks: doses (EVID 1, CMT 1), CP samples (DVID 1, CMT 2, ng/mL) and 4-weekly
+    M-spike (DVID 2, CMT 8, g/dL, first at 24 h); covariates of the virtual SMM population."""
     rng = np.random.default_rng(seed)
     pop = smm_population(n, risk="intermediate,high", seed=int(rng.integers(2**31)))
     pop["PLT0"] = np.clip(240.0 * np.exp(0.2 * rng.standard_normal(n)), 60.0, 450.0)
@@ -54,9 +53,9 @@ def demo_dataset(n: int = 30, seed: int = 1) -> pd.DataFrame:
     for i, pat in pop.iterrows():
         dose = float(REGIMENS[i % len(REGIMENS)].split()[0])
         base = {k: float(pat[k]) for k in covs} | {"ID": int(pat["ID"])}
-        recs = [(w * 168.0, 1, dose, 1, 0) for w in range(12)]
-        recs += [(t, 0, 0.0, 2, 1) for t in PK_TIMES]
-        recs += [(w * 168.0 + 24.0 * (w == 0), 0, 0.0, 8, 2) for w in MSPIKE_WEEKS]
+        recs = [(w * 168.0, 1, dose, 1, 0) for w in range(weeks)]
+        recs += [(t, 0, 0.0, 2, 1) for t in PK_TIMES if t < weeks * 168.0]
+        recs += [(w * 168.0 + 24.0 * (w == 0), 0, 0.0, 8, 2) for w in range(0, weeks + 1, 4)]
         recs.sort(key=lambda r: (r[0], -r[1]))
         rows += [base | {"TIME": t, "EVID": e, "AMT": a, "CMT": c, "DVID": d,
                          "MDV": int(e == 1)} for t, e, a, c, d in recs]

@@ -48,7 +48,7 @@ from .dataset import Dataset, DatasetError, from_frame, read_nonmem
 from .model import Model, ModelError, load_model
 
 __all__ = ["Endpoint", "FitResult", "FitSpecError", "Prior", "Sampler", "fit", "fit_spec",
-           "load_spec", "ERROR_MODELS"]
+           "load_spec", "read_individual", "ERROR_MODELS"]
 
 ERROR_MODELS = ("additive", "proportional", "combined", "lognormal")
 REPO_FITS = Path(__file__).resolve().parent.parent / "fits"  # example specs
@@ -194,9 +194,12 @@ def _observations(ds: Dataset, endpoints: Sequence[Endpoint], where: str
 def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoint], *,
           priors: Mapping[str, Prior] | None = None,
           omega_scale: Mapping[str, float] | None = None, iiv: str = "diagonal",
-          prior_sd: float = 1.0, centred: bool = False, where: str = "fit") -> _Built:
+          prior_sd: float = 1.0, centred: bool = False, where: str = "fit",
+          individual: pd.DataFrame | None = None) -> _Built:
     """The PyMC model of a population fit (see the module docstring); ``centred`` samples η
-    directly (better when individual data are rich) instead of z."""
+    directly (better when individual data are rich) instead of z. ``individual`` (ID and
+    parameter columns) fixes those parameters per subject (IPP: e.g. the individual PK
+    parameters of an earlier PK fit, :meth:`FitResult.individual_parameters`)."""
     import pymc as pm
     import pytensor.tensor as pt
 
@@ -220,15 +223,38 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                                f"{', '.join(ERROR_MODELS)}, got {ep.error!r}")
     obs = _observations(ds, endpoints, where)
     rows = np.unique(np.concatenate([o["rows"] for o in obs.values()]))
-    pred = predictor(model, ds, rows=rows)  # closed form, or compiled sensitivities
+    per_subject = [c for c in (individual.columns if individual is not None else ())
+                   if c != "ID"]
+    for k in per_subject:
+        if k not in model.parameters:
+            raise FitSpecError(f"{where}: individual parameters: {k!r} is not a parameter of "
+                               f"{model.name}")
+        if k in priors:
+            raise FitSpecError(f"{where}: {k} is fixed per subject (individual parameters) "
+                               "and has a prior")
+    prior = {k: priors.get(k, _default_prior(model, k, prior_sd)) for k in model.parameters}
+    prior.update({k: Prior("fixed", model.parameters[k].value) for k in per_subject})
+    estimated = [k for k, p in prior.items() if p.dist != "fixed"]
+    fixed = {k: p.center for k, p in prior.items() if p.dist == "fixed"}
+    eta_names = [k for k, p in model.parameters.items()
+                 if p.omega2 > 0 and (omega_scale or {}).get(k) != 0  # scale 0: no IIV
+                 and k not in per_subject]
+    est_syms = {sp.Symbol(k, real=True) for k in estimated}
+    vary = [k for k in model.parameters if k not in per_subject and (k in eta_names or (
+        model.individual[k].free_symbols & est_syms if k in model.individual else
+        k in estimated))]
+    # closed form, or compiled sensitivities of the individual parameters that vary and of
+    # the states the endpoints need (rtol 1e-5: ≤ 1e-4 relative, far below residual error)
+    pred = predictor(model, ds, rows=rows, vary=vary,
+                     outputs=sorted({ep.output for ep in endpoints}))
+    if per_subject:
+        try:
+            pred.fix_individual(individual, f"{where}: individual parameters")
+        except ValueError as e:
+            raise FitSpecError(str(e)) from None
     pos = {r: j for j, r in enumerate(rows)}
     for o in obs.values():
         o["pos"] = np.array([pos[r] for r in o["rows"]])
-
-    prior = {k: priors.get(k, _default_prior(model, k, prior_sd)) for k in model.parameters}
-    estimated = [k for k, p in prior.items() if p.dist != "fixed"]
-    fixed = {k: p.center for k, p in prior.items() if p.dist == "fixed"}
-    eta_names = [k for k, p in model.parameters.items() if p.omega2 > 0]
     S = pred.n_subjects
     coords = {"subject": pred.subject_ids, "eta_param": eta_names}
     initial: dict[str, np.ndarray] = {}
@@ -292,6 +318,9 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                     for k, v in pred.subject_covariates.items()})
         indiv = {}
         for k in model.parameters:
+            if k in per_subject:
+                indiv[k] = pt.as_tensor_variable(pred.fixed_individual[k])
+                continue
             tv = to_pytensor(model.individual[k], env) if k in model.individual else theta[k]
             tv = tv * pt.ones(S)
             indiv[k] = tv * pt.exp(eta[k]) if k in eta else tv
@@ -395,6 +424,19 @@ def sample_nutpie(compiled, s: Sampler):
                          save_warmup=False)
 
 
+def read_individual(path: str | os.PathLike) -> pd.DataFrame:
+    """Individual parameters for :func:`fit`'s ``individual``: a CSV (ID and one column per
+    parameter) or a fit folder written by :meth:`FitResult.save` (its ``individual.csv``,
+    posterior medians of each subject's parameters)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "individual.csv"
+    if not p.is_file():
+        raise FitSpecError(f"{path}: no individual parameters (expected a CSV with ID and "
+                           "parameter columns, or a fit folder with individual.csv)")
+    return pd.read_csv(p)
+
+
 def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         endpoints: Sequence[Endpoint] | None = None, *,
         priors: Mapping[str, Prior] | None = None,
@@ -403,12 +445,15 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         tune: int = 1000,
         seed: int = 1, target_accept: float = 0.8, engine: str = "nutpie",
         cores: int | None = None, progress: bool = True, posterior_predictive: bool = True,
-        where: str = "fit") -> FitResult:
+        where: str = "fit", individual: pd.DataFrame | str | os.PathLike | None = None
+        ) -> FitResult:
     """Fit a population model to a NONMEM data set; returns a :class:`FitResult`.
 
     ``endpoints`` default: the model's first output, proportional error, all observations.
     ``centred`` samples η directly instead of the non-centred z (η = L·z); prefer it when
     every subject has rich data (then the non-centred form can diverge).
+    ``individual``: parameters fixed per subject (IPP), a table (ID and parameter columns), a
+    CSV of one, or a fit folder (its ``individual.csv``); see :func:`read_individual`.
     """
     model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     ds = read_nonmem(data) if isinstance(data, (str, os.PathLike)) else (
@@ -417,8 +462,10 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
     sampler = Sampler(chains, draws, tune, seed, target_accept, engine, cores, progress)
     sampler.check(f"{where}: sampler" if where != "fit" else "sampler")
     started = time.perf_counter()
+    if individual is not None and not isinstance(individual, pd.DataFrame):
+        individual = read_individual(individual)
     b = build(model, ds, endpoints, priors=priors, omega_scale=omega_scale, iiv=iiv,
-              prior_sd=prior_sd, centred=centred, where=where)
+              prior_sd=prior_sd, centred=centred, where=where, individual=individual)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         idata = _sample(b, sampler)
@@ -580,6 +627,20 @@ class FitResult:
                 p[k] = p[k] * np.exp(eta[:, j])
         return p
 
+    def individual_parameters(self, max_draws: int = 500) -> pd.DataFrame:
+        """Each subject's individual parameters (covariates, θ and η of each draw), posterior
+        median over up to ``max_draws`` evenly spaced draws: ID and one column per model
+        parameter (NONMEM's patab; the input of an IPP fit, ``fit(individual=...)``)."""
+        total = len(self._draws(self.built.estimated[0])) if self.built.estimated else 1
+        take = np.unique(np.linspace(0, total - 1, min(max_draws, total)).astype(int))
+        eta = self._draws("eta") if self.built.iiv else None
+        stack = [self._individual(self._theta_draw(int(i)),
+                                  None if eta is None else eta[int(i)]) for i in take]
+        out = {"ID": self.built.predictor.subject_ids}
+        for k in self.model.parameters:
+            out[k] = np.median(np.stack([d[k] for d in stack]), axis=0)
+        return pd.DataFrame(out)
+
     def _theta_draw(self, i: int) -> dict[str, float]:
         th = {k: float(self._draws(k)[i]) for k in self.built.estimated}
         return {**self.built.fixed, **th}
@@ -699,8 +760,9 @@ class FitResult:
     # -- writing ---------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike, spec_text: str | None = None) -> Path:
         """Write the results folder (posterior.nc, summary.csv, diagnostics.json,
-        predictions.csv, plots) to a temporary sibling, then rename it onto ``folder``: an
-        error leaves no half-written folder (a previous one is replaced only on success)."""
+        predictions.csv, individual.csv, plots) to a temporary sibling, then rename it onto
+        ``folder``: an error leaves no half-written folder (a previous one is replaced only on
+        success)."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -715,6 +777,8 @@ class FitResult:
             (tmp / "diagnostics.json").write_text(json.dumps(diag, indent=2) + "\n")
             table = self.predictions()
             table.to_csv(tmp / "predictions.csv", index=False, float_format="%.6g")
+            self.individual_parameters().to_csv(tmp / "individual.csv", index=False,
+                                                float_format="%.8g")
             for name, fig in (("gof.png", self.plot_gof(table=table)),
                               ("vpc.png", self.vpc()),
                               ("individual_fits.png", self.plot_individual()),
@@ -794,10 +858,11 @@ class FitSpec:
     sampler: Sampler
     output: Path
     text: str
+    individual: pd.DataFrame | None = None
 
 
 _SPEC_KEYS = {"fit": {"name", "model", "data", "iiv", "prior_sd", "output",
-                     "parameterization"},
+                     "parameterization", "individual"},
               "endpoints": {"output", "error", "dvid", "sigma_add", "sigma_prop"},
               "sampler": {"chains", "draws", "tune", "seed", "target_accept", "engine",
                           "cores", "progress"},
@@ -814,6 +879,8 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         data = "data/x.csv"          # NONMEM CSV, relative to the spec
         iiv = "diagonal"             # or "block" (LKJ)
         parameterization = "noncentred"   # or "centred" (rich individual data)
+        individual = "selinexor_poppk"    # optional (IPP): parameters fixed per subject, a
+                                          # fit folder (its individual.csv) or a CSV
         [[endpoints]]                     # one table per endpoint
         output = "CP"                     # a model output
         error = "proportional"            # additive | proportional | combined | lognormal
@@ -822,7 +889,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         [priors]
         CL = { median = 16, sd = 0.5 }    # log-normal; { mean, sd }: normal; { fixed = 16 }
         [priors.omega]
-        CL = 0.5                          # half-normal scale of ω_CL
+        CL = 0.5                          # half-normal scale of ω_CL (0: no IIV, ω = 0)
         [sampler]                         # defaults shown; engine "pymc" is the fallback
         chains = 4
         draws = 1000
@@ -906,8 +973,9 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
                 if p not in model.parameters or model.parameters[p].omega2 <= 0:
                     raise FitSpecError(f"{where}: [priors.omega] {p}: not a parameter with IIV "
                                        f"in {model.name}")
-                if not (isinstance(s, (int, float)) and s > 0):
-                    raise FitSpecError(f"{where}: [priors.omega] {p}: expected a number > 0")
+                if not (isinstance(s, (int, float)) and not isinstance(s, bool) and s >= 0):
+                    raise FitSpecError(f"{where}: [priors.omega] {p}: expected a number ≥ 0 "
+                                       "(0: no IIV)")
                 omega_scale[p] = float(s)
             continue
         if k not in model.parameters:
@@ -933,8 +1001,22 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
     out = base / f.get("output", f["name"])
     # the endpoints' observations exist (DVID values, BLQ columns): checked now, not later
     _observations(data, endpoints, where)
+    individual = None
+    if "individual" in f:
+        try:
+            individual = read_individual(base / f["individual"])
+        except FitSpecError as e:
+            raise FitSpecError(f"{where}: [fit] individual: {e}") from None
+        bad = [c for c in individual.columns if c != "ID" and c not in model.parameters]
+        if "ID" not in individual.columns or bad:
+            raise FitSpecError(f"{where}: [fit] individual: expected ID and parameters of "
+                               f"{model.name}, got {', '.join(map(str, individual.columns))}")
+        clash = [c for c in individual.columns if c in priors]
+        if clash:
+            raise FitSpecError(f"{where}: [priors] {clash[0]}: fixed per subject by [fit] "
+                               "individual")
     return FitSpec(path, f["name"], model, data, endpoints, priors, omega_scale, iiv,
-                   float(prior_sd), param == "centred", sampler, out, text)
+                   float(prior_sd), param == "centred", sampler, out, text, individual)
 
 
 def _parse_prior(where: str, k: str, v: object, model: Model) -> Prior:
@@ -969,7 +1051,7 @@ def fit_spec(spec: FitSpec | str | os.PathLike, *, progress: bool = True,
               omega_scale=spec.omega_scale, iiv=spec.iiv, prior_sd=spec.prior_sd,
               centred=spec.centred, chains=s.chains, draws=s.draws, tune=s.tune, seed=s.seed,
               target_accept=s.target_accept, engine=s.engine, cores=s.cores,
-              progress=s.progress, where=str(spec.path))
+              progress=s.progress, where=str(spec.path), individual=spec.individual)
     if write:
         res.save(spec.output, spec_text=spec.text)
     return res
@@ -1126,7 +1208,10 @@ def _plot_individual(res: FitResult, n: int = 12, path=None):
     rows = np.flatnonzero(full["EVID"].to_numpy() == 2)
     from .sensitivity import predictor
 
-    lp = predictor(res.model, full, rows=rows)
+    lp = predictor(res.model, full, rows=rows, vary=())
+    fixed_ind = b.predictor.fixed_individual
+    if fixed_ind:
+        lp.fix_individual(pd.DataFrame({"ID": b.predictor.subject_ids, **fixed_ind}))
     fn = lp.compile([ep.output])
     med = {k: float(np.median(res._draws(k))) for k in b.estimated}
     theta = {**b.fixed, **med}

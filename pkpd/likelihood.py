@@ -188,13 +188,44 @@ class SubjectParameters:
     """Per-subject typical values and covariates, shared by the predictors (needs
     ``self.model``, ``self.n_subjects`` and ``self._cov_sub``)."""
 
+    fixed_individual: dict[str, np.ndarray] = {}  # noqa: RUF012 (replaced, never mutated)
+
     def individual_typical(self, theta: Mapping[str, float] | None = None
                            ) -> dict[str, np.ndarray]:
-        """Typical individual values (covariate model, η = 0) per subject (numpy)."""
+        """Typical individual values (covariate model, η = 0) per subject (numpy); parameters
+        fixed per subject (:meth:`fix_individual`) take their given values."""
         theta = {**self.model.theta, **(theta or {})}
         S = self.n_subjects
-        return {k: np.broadcast_to(np.asarray(v, dtype=float), (S,)).copy()
-                for k, v in self.model.typical_individual(theta, self._cov_sub).items()}
+        out = {k: np.broadcast_to(np.asarray(v, dtype=float), (S,)).copy()
+               for k, v in self.model.typical_individual(theta, self._cov_sub).items()}
+        out.update({k: v.copy() for k, v in self.fixed_individual.items()})
+        return out
+
+    def fix_individual(self, table: pd.DataFrame, source: str = "individual parameters"
+                       ) -> None:
+        """Fix parameters per subject (the IPP approach: e.g. individual PK parameters from
+        a PK fit while fitting the PD): ``table`` has ID and one column per parameter."""
+        if "ID" not in table.columns:
+            raise ValueError(f"{source}: expected a column ID")
+        cols = [c for c in table.columns if c != "ID"]
+        unknown = [c for c in cols if c not in self.model.parameters]
+        if unknown:
+            raise ValueError(f"{source}: columns {', '.join(unknown)} are not parameters of "
+                             f"{self.model.name}")
+        by_id = table.drop_duplicates("ID").set_index("ID")
+        missing = [i for i in self.subject_ids if i not in by_id.index]
+        if missing:
+            raise ValueError(f"{source}: no row for ID {missing[0]} ({len(missing)} subjects "
+                             "of the data set missing)")
+        fixed = {}
+        for c in cols:
+            v = pd.to_numeric(by_id.loc[list(self.subject_ids), c], errors="coerce").to_numpy(
+                dtype=float)
+            if not np.all(np.isfinite(v)):
+                bad = list(self.subject_ids)[int(np.flatnonzero(~np.isfinite(v))[0])]
+                raise ValueError(f"{source}: column {c}, ID {bad}: expected a number")
+            fixed[c] = v
+        self.fixed_individual = fixed
 
     @property
     def subject_covariates(self) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ per subject; here one compiled call covers all subjects).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -39,7 +40,8 @@ class SensitivityError(ValueError):
 
 
 def predictor(model: Model, data: Dataset | pd.DataFrame,
-              rows: np.ndarray | Sequence[int] | None = None):
+              rows: np.ndarray | Sequence[int] | None = None,
+              vary: Sequence[str] | None = None, outputs: Sequence[str] | None = None):
     """The likelihood's predictor for ``model``: the closed form
     (:class:`pkpd.likelihood.LinearPredictor`) for linear models whose blocks have ≤ 3
     states, else :class:`NonlinearPredictor` (compiled forward sensitivities)."""
@@ -48,7 +50,8 @@ def predictor(model: Model, data: Dataset | pd.DataFrame,
     lin = model.linear
     if lin is not None and lin.closed_form:
         return LinearPredictor(model, data, rows=rows)
-    return NonlinearPredictor(model, data, rows=rows)
+    return NonlinearPredictor(model, data, rows=rows, vary=vary, outputs=outputs, rtol=1e-4,
+                              atol=1e-8)
 
 
 class NonlinearPredictor(SubjectParameters):
@@ -62,11 +65,22 @@ class NonlinearPredictor(SubjectParameters):
 
     def __init__(self, model: Model, data: Dataset | pd.DataFrame,
                  rows: np.ndarray | Sequence[int] | None = None, *, rtol: float = 1e-6,
-                 atol: float = 1e-9):
+                 atol: float = 1e-9, vary: Sequence[str] | None = None,
+                 outputs: Sequence[str] | None = None):
         if model.dosing:
             raise SensitivityError(f"{model.name}: dose parameters (F, ALAG, R, D) are not "
                                    "differentiated yet; give them as data")
         self.model, self.rtol, self.atol = model, rtol, atol
+        unknown = sorted(set(vary or ()) - set(model.parameters))
+        if unknown:
+            raise SensitivityError(f"{model.name}: vary names unknown parameters "
+                                   f"{', '.join(unknown)}")
+        self.vary = tuple(model.parameters) if vary is None else tuple(
+            k for k in model.parameters if k in vary)
+        unknown = sorted(set(outputs or ()) - set(model.outputs))
+        if unknown:
+            raise SensitivityError(f"{model.name}: no outputs {', '.join(unknown)}")
+        self.outputs = tuple(model.outputs) if outputs is None else tuple(outputs)
         ds = for_model(data, model)
         df = ds.data
         self.dataset = ds
@@ -99,8 +113,7 @@ class NonlinearPredictor(SubjectParameters):
 
     # pickling (PyMC's multiprocess sampling): generated functions are rebuilt, not copied
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_kernel", "_init",
-                                                                      "_out")}
+        return {k: v for k, v in self.__dict__.items() if k != "_systems"}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -108,67 +121,67 @@ class NonlinearPredictor(SubjectParameters):
 
     # -- the augmented system -----------------------------------------------------------
     def _system(self) -> None:
-        m = self.model
-        xs = list(m.state_symbols)
-        pars = [sp.Symbol(k, real=True) for k in m.parameters]
-        covs = [sp.Symbol(k, real=True) for k in m.covariates]
-        f = sp.Matrix([m.odes[s] for s in m.states])
-        used = set().union(f.free_symbols, *(c.init.free_symbols for c in m.compartments),
-                           *(o.expr.free_symbols for o in m.outputs.values()))
-        self.sens_params = [k for k, p in zip(m.parameters, pars, strict=True) if p in used]
-        K = [sp.Symbol(k, real=True) for k in self.sens_params]
-        nS, nK = len(xs), len(K)
-        S = sp.Matrix(nS, nK, lambda i, k: sp.Symbol(f"_S_{i}_{k}", real=True))
-        dS = f.jacobian(sp.Matrix(xs)) * S + (f.jacobian(sp.Matrix(K)) if nK else
-                                              sp.zeros(nS, 0))
-        exprs = list(f) + [dS[i, k] for i in range(nS) for k in range(nK)]
-        states = xs + [S[i, k] for i in range(nS) for k in range(nK)]
-        args = pars + covs
-        self._kernel = load_kernel(kernel_source(exprs, states, args))
-        init = sp.Matrix([c.init for c in m.compartments])
-        lam = dict(modules="numpy", cse=True)
-        self._init = sp.lambdify(args, list(init) + list(
-            init.jacobian(sp.Matrix(K)) if nK else []), **lam)
-        self._nS, self._nK = nS, nK
-        self._out: dict[str, tuple] = {}
-        for name, o in m.outputs.items():
-            h = sp.Matrix([o.expr])
-            self._out[name] = (
-                sp.lambdify([*args, *xs, TIME], o.expr, **lam),
-                sp.lambdify([*args, *xs, TIME], list(h.jacobian(sp.Matrix(xs))), **lam),
-                sp.lambdify([*args, *xs, TIME], list(h.jacobian(sp.Matrix(K))) if nK else [],
-                            **lam))
+        self._systems: dict[tuple[bool, bool], _Augmented] = {}
 
-    def evaluate(self, params: Mapping[str, np.ndarray], outputs: Sequence[str]
+    def _augmented(self, exact: bool, derivatives: bool) -> _Augmented:
+        aug = self._systems.get((exact, derivatives))
+        if aug is None:
+            aug = self._systems[exact, derivatives] = _Augmented(
+                self.model, self.vary if derivatives else (), exact, self.outputs)
+        return aug
+
+    def evaluate(self, params: Mapping[str, np.ndarray], outputs: Sequence[str],
+                 derivatives: bool = True
                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Numeric outputs at the rows and their Jacobians (rows × model parameters, zero
-        for parameters the model's equations do not use), given per-subject parameters."""
+        for parameters the model's equations do not use or that do not vary; all zero
+        without ``derivatives``), given per-subject parameters."""
+        from .simulation import _exact_part
+
         m, n = self.model, self.n_subjects
-        par = [np.broadcast_to(np.asarray(params[k], dtype=float), (n,)) for k in m.parameters]
-        cov = [np.broadcast_to(self._cov_sub[k], (n,)) for k in m.covariates]
-        args = par + cov
-        nS, nK = self._nS, self._nK
-        x0 = np.stack([np.broadcast_to(np.asarray(v, dtype=float), (n,))
-                       for v in self._init(*args)], axis=1)  # (n, nS + nS·nK)
-        p = np.stack(args, axis=1) if args else np.zeros((n, 0))
-        amounts = integrate_events(self.model, self.events, x0, p, self.out_subject,
-                                   self.out_time, self.out_event, rtol=self.rtol,
-                                   atol=self.atol, kernel=self._kernel)  # (rows, states)
-        x = amounts[:, :nS].T
-        sens = amounts[:, nS:].reshape(-1, nS, nK)
+        missing = [k for k in outputs if k not in self.outputs]
+        if missing:
+            raise SensitivityError(f"{', '.join(missing)}: not among this predictor's outputs "
+                                   f"({', '.join(self.outputs)})")
+        par = {k: np.broadcast_to(np.asarray(params[k], dtype=float), (n,))
+               for k in m.parameters}
+        cov = {k: np.broadcast_to(self._cov_sub[k], (n,)) for k in m.covariates}
+        aug = self._augmented(True, derivatives)
+        steps = {k: 1e-6 * np.maximum(np.abs(par[k]), 1e-12) for k in aug.copied}
+        exact = linear = None
+        if len(aug.linear):
+            # the closed form of every copy at once: copies as extra subjects
+            C = 1 + len(aug.copied)
+            par_all = {k: np.concatenate([v] + [v + steps[k] if k == c else v
+                                                for c in aug.copied]) for k, v in par.items()}
+            props = _exact_part(m, par_all, {k: np.tile(v, C) for k, v in cov.items()}, n * C)
+            if props is not None:
+                exact, linear = _stack(props, C), aug.linear
+        if exact is None:  # no closed form (or ill-conditioned): integrate every state
+            aug = self._augmented(False, derivatives)
+            steps = {}
+        args = [par[k] for k in m.parameters] + [cov[k] for k in m.covariates]
+        x0 = aug.initial(args, [steps[k] for k in aug.copied])
+        p = np.stack(args + [steps[k] for k in aug.copied], axis=1)
+        amounts = integrate_events(m, self.events, x0, p, self.out_subject, self.out_time,
+                                   self.out_event, exact=exact, linear=linear, dup=aug.dup,
+                                   n_ctrl=aug.n_states, rtol=self.rtol, atol=self.atol,
+                                   kernel=aug.kernel)  # (rows, augmented states)
+        x = amounts[:, :aug.n_states]
+        sens = aug.sensitivities(amounts, [steps[k][self.out_subject] for k in aug.copied])
         a_rows = [a[self.out_subject] for a in args]
-        pos = [list(m.parameters).index(k) for k in self.sens_params]
+        pos = [list(m.parameters).index(k) for k in aug.params]
         values, jac = {}, {}
+        r = len(self.rows)
         for name in outputs:
-            h, dhdx, dhdp = self._out[name]
-            vals = (*a_rows, *x, self.out_time)
-            values[name] = np.broadcast_to(np.asarray(h(*vals), dtype=float),
-                                           (len(self.rows),)).copy()
-            gx = np.stack([np.broadcast_to(np.asarray(v, dtype=float), (len(self.rows),))
-                           for v in dhdx(*vals)], axis=1)  # (rows, nS)
-            J = np.zeros((len(self.rows), len(m.parameters)))
-            if nK:
-                gp = np.stack([np.broadcast_to(np.asarray(v, dtype=float), (len(self.rows),))
+            h, dhdx, dhdp = aug.outputs[name]
+            vals = (*a_rows, *x.T, self.out_time)
+            values[name] = np.broadcast_to(np.asarray(h(*vals), dtype=float), (r,)).copy()
+            J = np.zeros((r, len(m.parameters)))
+            if aug.params:
+                gx = np.stack([np.broadcast_to(np.asarray(v, dtype=float), (r,))
+                               for v in dhdx(*vals)], axis=1)  # (rows, states)
+                gp = np.stack([np.broadcast_to(np.asarray(v, dtype=float), (r,))
                                for v in dhdp(*vals)], axis=1)
                 J[:, pos] = np.einsum("rs,rsk->rk", gx, sens) + gp
             jac[name] = J
@@ -177,7 +190,7 @@ class NonlinearPredictor(SubjectParameters):
     def predict(self, params: Mapping[str, object], outputs: Sequence[str] | None = None
                 ) -> dict[str, pt.TensorVariable]:
         """Model outputs at the rows as PyTensor vectors (differentiable in ``params``)."""
-        outputs = list(outputs or self.model.outputs)
+        outputs = list(outputs or self.outputs)
         S = self.n_subjects
         P = pt.stack([pt.as_tensor_variable(params[k]) * pt.ones(S)
                       for k in self.model.parameters], axis=1)
@@ -187,10 +200,10 @@ class NonlinearPredictor(SubjectParameters):
 
     def compile(self, outputs: Sequence[str] | None = None):
         """A numpy function: individual parameters (vectors over subjects) → outputs."""
-        outputs = list(outputs or self.model.outputs)
+        outputs = list(outputs or self.outputs)
 
         def evaluate(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return self.evaluate(params, outputs)[0]
+            return self.evaluate(params, outputs, derivatives=False)[0]
 
         return evaluate
 
@@ -235,3 +248,147 @@ class _PredictOp(Op):
     def connection_pattern(self, node):
         m = len(self.outputs)
         return [[True] * m + [False] * m]
+
+
+class _Augmented:
+    """The model's states with their forward sensitivities, generated by sympy and compiled.
+
+    Sensitivities are kept only for the parameters in ``vary`` that reach a state
+    (structural zeros dropped). With ``exact`` the model's linear part (the PK) keeps its
+    closed form: its sensitivities come from copies of the linear states solved, also in
+    closed form, with one parameter raised by a relative 1e-6 (forward differences of an
+    exact solution: ≈ 1e-6 relative accuracy, no stiffness), and only the rest is
+    integrated. States: [model states | copies (one set per perturbed parameter) |
+    sensitivities]; only the model states enter the error test (CVODES' default)."""
+
+    def __init__(self, model: Model, vary: Sequence[str], exact: bool,
+                 outputs: Sequence[str]):
+        m = model
+        xs = list(m.state_symbols)
+        n = len(xs)
+        pars = [sp.Symbol(k, real=True) for k in m.parameters]
+        covs = [sp.Symbol(k, real=True) for k in m.covariates]
+        f = [m.odes[s] for s in m.states]
+        # states the outputs need (through the coupling); the others are frozen (dx/dt = 0)
+        needed = {i for i in range(n) for o in outputs if xs[i] in m.outputs[o].expr.free_symbols}
+        frontier = list(needed)
+        while frontier:
+            i = frontier.pop()
+            for j in range(n):
+                if j not in needed and sp.diff(f[i], xs[j]) != 0:
+                    needed.add(j)
+                    frontier.append(j)
+        f = [f[i] if i in needed else sp.Integer(0) for i in range(n)]
+        self.needed = needed
+        init = [c.init for c in m.compartments]
+        used = set().union(*(e.free_symbols for e in f), *(init[i].free_symbols for i in needed),
+                           *(m.outputs[o].expr.free_symbols for o in outputs))
+        self.params = [k for k, p in zip(m.parameters, pars, strict=True)
+                       if p in used and k in vary]
+        sym = {k: sp.Symbol(k, real=True) for k in self.params}
+        part = m.linear_part if exact else None
+        L = list(part[0]) if part is not None else []
+        lin_syms = set().union(*(e.free_symbols for e in part[1].A),
+                               *(e.free_symbols for e in part[1].c)) if L else set()
+        self.copied = [k for k in self.params if sym[k] in lin_syms]
+        # which parameters each state depends on (fixpoint over the coupling)
+        dep = {i: ({k for k in self.copied} if i in L else
+                   {k for k in self.params if sym[k] in f[i].free_symbols | init[i].free_symbols})
+               for i in range(n)}
+        coupled = {i: [j for j in range(n) if j != i and sp.diff(f[i], xs[j]) != 0]
+                   for i in range(n)}
+        changed = True
+        while changed:
+            changed = False
+            for i in range(n):
+                if i in L:
+                    continue
+                new = set().union(dep[i], *(dep[j] for j in coupled[i]))
+                if new != dep[i]:
+                    dep[i], changed = new, True
+        self.pairs = [(i, k) for i in sorted(needed) if i not in L for k in self.params
+                      if k in dep[i]]
+        copies = {(c, a): sp.Symbol(f"_X_{c}_{a}", real=True)
+                  for c in range(len(self.copied)) for a in L}
+        deltas = [sp.Symbol(f"_D_{c}", real=True) for c in range(len(self.copied))]
+        S = {pk: sp.Symbol(f"_S_{pk[0]}_{pk[1]}", real=True) for pk in self.pairs}
+
+        def sens(j: int, k: str):
+            if j in L:
+                if k not in self.copied:
+                    return sp.Integer(0)
+                c = self.copied.index(k)
+                return (copies[c, j] - xs[j]) / deltas[c]
+            return S.get((j, k), sp.Integer(0))
+
+        dS = [sum((sp.diff(f[i], xs[j]) * sens(j, k) for j in [i, *coupled[i]]),
+                  sp.Integer(0)) + sp.diff(f[i], sym[k]) for i, k in self.pairs]
+        exprs = f + [sp.Integer(0)] * len(copies) + dS
+        states = xs + list(copies.values()) + list(S.values())
+        args = pars + covs + deltas
+        self.kernel = load_kernel(kernel_source(exprs, states, args))
+        self.n_states = n
+        self.linear = np.array(L + [n + i for i in range(len(copies))], dtype=np.int64)
+        width = max(len(self.copied), 1)
+        self.dup = np.full((len(states), width), -1, dtype=np.int64)
+        for (c, a), i in zip(copies, range(n, n + len(copies)), strict=True):
+            self.dup[a, c] = i
+        lam = dict(modules="numpy", cse=True)
+        self._init = sp.lambdify(pars + covs, init, **lam)
+        self._dinit = sp.lambdify(pars + covs, [sp.diff(init[i], sym[k]) for i, k in self.pairs],
+                                  **lam)
+        self._L, self._copies = L, list(copies)
+        self._param_order = list(m.parameters) + list(m.covariates)
+        self._pair_index = {pk: n + len(copies) + q for q, pk in enumerate(self.pairs)}
+        self.outputs: dict[str, tuple] = {}
+        K = [sym[k] for k in self.params]
+        for name in outputs:
+            o = m.outputs[name]
+            h = sp.Matrix([o.expr])
+            self.outputs[name] = (
+                sp.lambdify([*pars, *covs, *xs, TIME], o.expr, **lam),
+                sp.lambdify([*pars, *covs, *xs, TIME], list(h.jacobian(sp.Matrix(xs))), **lam),
+                sp.lambdify([*pars, *covs, *xs, TIME],
+                            list(h.jacobian(sp.Matrix(K))) if K else [], **lam))
+
+    def initial(self, args: list[np.ndarray], steps: list[np.ndarray]) -> np.ndarray:
+        """Initial augmented states per subject, (n_sub, states)."""
+        n_sub = len(args[0]) if args else 1
+        cols = [np.broadcast_to(np.asarray(v, dtype=float), (n_sub,)) for v in self._init(*args)]
+        names = list(self._param_order)
+        for c, a in self._copies:
+            k = self.copied[c]
+            bumped = list(args)
+            bumped[names.index(k)] = args[names.index(k)] + steps[c]
+            cols.append(np.broadcast_to(np.asarray(self._init(*bumped)[a], dtype=float),
+                                        (n_sub,)))
+        cols += [np.broadcast_to(np.asarray(v, dtype=float), (n_sub,))
+                 for v in (self._dinit(*args) if self.pairs else [])]
+        return np.stack(cols, axis=1)
+
+    def sensitivities(self, amounts: np.ndarray, steps: list[np.ndarray]) -> np.ndarray:
+        """∂x/∂p at each output row, (rows, model states, params)."""
+        n = self.n_states
+        out = np.zeros((amounts.shape[0], n, len(self.params)))
+        for q, (c, a) in enumerate(self._copies):
+            k = self.params.index(self.copied[c])
+            out[:, a, k] = (amounts[:, n + q] - amounts[:, a]) / steps[c]
+        for (i, k), col in self._pair_index.items():
+            out[:, i, self.params.index(k)] = amounts[:, col]
+        return out
+
+
+def _stack(prop, C: int) -> SimpleNamespace:
+    """Block-diagonal closed form (lam, P, base, modes) of C copies of the linear part whose
+    closed forms ``prop`` holds as C consecutive groups of subjects."""
+    n_all, M = prop.lam.shape
+    n, nL = n_all // C, prop.P.shape[-1]
+    lam = np.concatenate([prop.lam[c * n:(c + 1) * n] for c in range(C)], axis=1)
+    P = np.zeros((n, M * C, nL * C, nL * C))
+    for c in range(C):
+        P[:, c * M:(c + 1) * M, c * nL:(c + 1) * nL, c * nL:(c + 1) * nL] = \
+            prop.P[c * n:(c + 1) * n]
+    base = np.concatenate([prop.base[c * n:(c + 1) * n] for c in range(C)], axis=1)
+    modes = np.array([[c * M, (c + 1) * M] for c in range(C) for _ in range(nL)],
+                     dtype=np.int64)
+    return SimpleNamespace(lam=lam, P=P, base=base, modes=modes)

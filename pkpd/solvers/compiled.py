@@ -32,7 +32,6 @@ import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
 from ..events import BOLUS, RATE, RESET, STEADY, EventTable
-from .linear import Spectral
 
 __all__ = ["Unsupported", "compiled_rhs", "integrate_events", "kernel_source", "load_kernel"]
 
@@ -86,12 +85,13 @@ def _factors(lam, h, ex, ph):
 
 
 @njit(cache=True)
-def _exact(j, L, ex, ph, v, w, x):
+def _exact(j, L, ex, ph, v, w, x, mr):
     """Write the exact states at stage time c_j into x (modal amounts v and input rates w,
-    each (modes, nL), at the start of the step)."""
+    each (modes, nL), at the start of the step); linear state a has modes mr[a, 0]…mr[a, 1]
+    (all of them, or its block of a block-diagonal system)."""
     for a in range(L.shape[0]):
         val = 0.0
-        for i in range(v.shape[0]):
+        for i in range(mr[a, 0], mr[a, 1]):
             val += ex[j, i] * v[i, a] + ph[j, i] * w[i, a]
         x[L[a]] = val
 
@@ -140,7 +140,7 @@ def _first_step(t, x, p, r, rtol, atol, span, f0, f1, xt):
 
 
 @njit(cache=True)
-def _advance(t, target, h, x, p, r, rtol, atol, k, xt, xn, free, L, lam, v, w, ex, ph):
+def _advance(t, target, h, x, p, r, rtol, atol, k, xt, xn, free, L, lam, v, w, ex, ph, mr):
     """Integrate x from t to target in place, states ``L`` exactly (their modal amounts v
     move along); returns (steps, next h)."""
     n = x.shape[0]
@@ -155,30 +155,30 @@ def _advance(t, target, h, x, p, r, rtol, atol, k, xt, xn, free, L, lam, v, w, e
         _factors(lam, h, ex, ph)
         for i in range(n):
             xt[i] = x[i] + h * A21 * k[0, i]
-        _exact(0, L, ex, ph, v, w, xt)
+        _exact(0, L, ex, ph, v, w, xt, mr)
         rhs(t + C[0] * h, xt, p, r, k[1])
         for i in range(n):
             xt[i] = x[i] + h * (A31 * k[0, i] + A32 * k[1, i])
-        _exact(1, L, ex, ph, v, w, xt)
+        _exact(1, L, ex, ph, v, w, xt, mr)
         rhs(t + C[1] * h, xt, p, r, k[2])
         for i in range(n):
             xt[i] = x[i] + h * (A41 * k[0, i] + A42 * k[1, i] + A43 * k[2, i])
-        _exact(2, L, ex, ph, v, w, xt)
+        _exact(2, L, ex, ph, v, w, xt, mr)
         rhs(t + C[2] * h, xt, p, r, k[3])
         for i in range(n):
             xt[i] = x[i] + h * (A51 * k[0, i] + A52 * k[1, i] + A53 * k[2, i]
                                 + A54 * k[3, i])
-        _exact(3, L, ex, ph, v, w, xt)
+        _exact(3, L, ex, ph, v, w, xt, mr)
         rhs(t + C[3] * h, xt, p, r, k[4])
         for i in range(n):
             xt[i] = x[i] + h * (A61 * k[0, i] + A62 * k[1, i] + A63 * k[2, i]
                                 + A64 * k[3, i] + A65 * k[4, i])
-        _exact(4, L, ex, ph, v, w, xt)
+        _exact(4, L, ex, ph, v, w, xt, mr)
         rhs(t + h, xt, p, r, k[5])
         for i in range(n):
             xn[i] = x[i] + h * (B1 * k[0, i] + B3 * k[2, i] + B4 * k[3, i] + B5 * k[4, i]
                                 + B6 * k[5, i])
-        _exact(4, L, ex, ph, v, w, xn)
+        _exact(4, L, ex, ph, v, w, xn, mr)
         rhs(t + h, xn, p, r, k[6])
         err = 0.0
         for i in range(n):
@@ -198,8 +198,8 @@ def _advance(t, target, h, x, p, r, rtol, atol, k, xt, xn, free, L, lam, v, w, e
         for i in range(n):
             x[i] = xn[i]
             k[0, i] = k[6, i]  # first same as last
-        for i in range(v.shape[0]):
-            for a in range(L.shape[0]):
+        for a in range(L.shape[0]):
+            for i in range(mr[a, 0], mr[a, 1]):
                 v[i, a] = ex[4, i] * v[i, a] + ph[4, i] * w[i, a]
         t = t_new
         steps += 1
@@ -209,9 +209,10 @@ def _advance(t, target, h, x, p, r, rtol, atol, k, xt, xn, free, L, lam, v, w, e
 
 @njit(cache=True)
 def _subject(s, ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds, out_time,
-             out_event, x0, p, L, lam, P, cL, rtol, atol, out):
+             out_event, x0, p, L, lam, P, cL, mr, dup, n_ctrl, rtol, atol, out):
     """Integrate subject s through its events, filling its rows of ``out``; returns the
-    number of steps (−1 on a non-finite state)."""
+    number of steps (−1 on a non-finite state). A dose into state c also enters the states
+    ``dup[c]`` (≥ 0; copies of c); only states below ``n_ctrl`` enter the error test."""
     n = x0.shape[1]
     steps = 0
     x = x0[s].copy()
@@ -221,6 +222,8 @@ def _subject(s, ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds, out_t
     xn = np.empty(n)
     f1 = np.empty(n)
     free = np.ones(n)
+    for i in range(n_ctrl, n):
+        free[i] = 0.0
     for a in range(L.shape[0]):
         free[L[a]] = 0.0
     m_modes = lam.shape[1]
@@ -246,7 +249,7 @@ def _subject(s, ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds, out_t
                 if h <= 0:
                     h = _first_step(t, x, p[s], r, rtol, atol, te - t, k[0], f1, xt)
                 m, h = _advance(t, te, h, x, p[s], r, rtol, atol, k, xt, xn, free, L,
-                                lam[s], v, w, ex, ph)
+                                lam[s], v, w, ex, ph, mr)
                 if m < 0:
                     failed = True
                     break
@@ -260,9 +263,15 @@ def _subject(s, ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds, out_t
                 h = -1.0
             elif kind == {BOLUS}:
                 x[ev_cmt[e]] += ev_value[e]
+                for j in range(dup.shape[1]):
+                    if dup[ev_cmt[e], j] >= 0:
+                        x[dup[ev_cmt[e], j]] += ev_value[e]
                 h = -1.0
             elif kind == {RATE}:
                 r[ev_cmt[e]] += ev_value[e]
+                for j in range(dup.shape[1]):
+                    if dup[ev_cmt[e], j] >= 0:
+                        r[dup[ev_cmt[e], j]] += ev_value[e]
                 h = -1.0
             if kind == {RESET} or kind == {BOLUS} or kind == {RATE}:
                 _modal(x, r, L, P[s], cL[s], v, w)
@@ -272,7 +281,7 @@ def _subject(s, ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds, out_t
                 if h <= 0:
                     h = _first_step(t, x, p[s], r, rtol, atol, to - t, k[0], f1, xt)
                 m, h = _advance(t, to, h, x, p[s], r, rtol, atol, k, xt, xn, free, L,
-                                lam[s], v, w, ex, ph)
+                                lam[s], v, w, ex, ph, mr)
                 if m < 0:
                     failed = True
                     break
@@ -287,15 +296,16 @@ def _subject(s, ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds, out_t
 
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def integrate(ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds, out_time,
-              out_event, x0, p, L, lam, P, cL, rtol, atol, out):
+              out_event, x0, p, L, lam, P, cL, mr, dup, n_ctrl, rtol, atol, out):
     """Amounts at every output (rows of ``out``); returns steps taken per subject (−1 on a
     non-finite state)."""
     steps = np.zeros(x0.shape[0], dtype=np.int64)
     for s in range(x0.shape[0]):
         steps[s] = _subject(s, ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds,
-                            out_time, out_event, x0, p, L, lam, P, cL, rtol, atol, out)
+                            out_time, out_event, x0, p, L, lam, P, cL, mr, dup, n_ctrl, rtol,
+                            atol, out)
     return steps
 
 
@@ -303,12 +313,13 @@ def integrate(ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds, out_tim
 # parallel variant costs seconds, and numba's on-disk cache keys one function per flag set.
 @njit(cache=True, parallel=True)
 def integrate_parallel(ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds, out_time,
-                       out_event, x0, p, L, lam, P, cL, rtol, atol, out):
+                       out_event, x0, p, L, lam, P, cL, mr, dup, n_ctrl, rtol, atol, out):
     """:func:`integrate` with subjects spread over threads."""
     steps = np.zeros(x0.shape[0], dtype=np.int64)
     for s in prange(x0.shape[0]):
         steps[s] = _subject(s, ev_bounds, ev_time, ev_kind, ev_cmt, ev_value, out_bounds,
-                            out_time, out_event, x0, p, L, lam, P, cL, rtol, atol, out)
+                            out_time, out_event, x0, p, L, lam, P, cL, mr, dup, n_ctrl, rtol,
+                            atol, out)
     return steps
 '''
 
@@ -398,15 +409,22 @@ def load_kernel(src: str):
 
 def integrate_events(model, ev: EventTable, x0: np.ndarray, p: np.ndarray,
                      out_subject: np.ndarray, out_time: np.ndarray, out_event: np.ndarray,
-                     *, exact: Spectral | None = None, rtol: float = 1e-6,
-                     atol: float = 1e-9, kernel=None) -> np.ndarray:
+                     *, exact=None, rtol: float = 1e-6, atol: float = 1e-9, kernel=None,
+                     linear: np.ndarray | None = None, dup: np.ndarray | None = None,
+                     n_ctrl: int | None = None) -> np.ndarray:
     """Amounts (n_out, S) at outputs given by subject, time and the index of the last event
     processed before each. ``x0`` (n_sub, S) initial amounts (restored by resets), ``p``
     (n_sub, n_parameters + n_covariates) in the model's order. ``exact``: the closed form of
-    the model's :attr:`~pkpd.model.Model.linear_part` for these subjects, with its constant
-    inputs as ``exact.base`` (n_sub, nL); those states are then solved exactly. ``kernel``:
-    another compiled system (e.g. with sensitivities) whose first states are the model's."""
-    n_sub = x0.shape[0]
+    the model's :attr:`~pkpd.model.Model.linear_part` for these subjects (a
+    :class:`~pkpd.solvers.linear.Spectral`, or anything with its ``lam``, ``P`` and ``base``
+    (constant inputs, (n_sub, nL)), optionally ``modes`` (nL, 2): the range of modes of each
+    state); those states are then solved exactly.
+
+    For augmented systems (:mod:`pkpd.sensitivity`): ``kernel`` another compiled system whose
+    first states are the model's; ``linear`` the indices of the exactly solved states (default:
+    the model's linear part); ``dup`` (S, k) states that receive a copy of every dose into a
+    state (−1: none); ``n_ctrl`` only states below it enter the error test (default all)."""
+    n_sub, n_states = x0.shape
     if np.any(ev.kind == STEADY):
         raise Unsupported("steady-state records need the reference ODE solver")
     back = np.diff(ev.time) < 0
@@ -417,13 +435,19 @@ def integrate_events(model, ev: EventTable, x0: np.ndarray, p: np.ndarray,
     order = np.lexsort((out_time, out_event, out_subject))
     ev_bounds = np.searchsorted(ev.subject, np.arange(n_sub + 1))
     out_bounds = np.searchsorted(out_subject[order], np.arange(n_sub + 1))
-    out = np.empty((len(order), x0.shape[1]))
+    out = np.empty((len(order), n_states))
     if exact is None:
         L = np.zeros(0, dtype=np.int64)
         lam, P, base = np.zeros((n_sub, 0)), np.zeros((n_sub, 0, 0, 0)), np.zeros((n_sub, 0))
     else:
-        L = np.asarray(model.linear_part[0], dtype=np.int64)
+        L = np.asarray(model.linear_part[0] if linear is None else linear, dtype=np.int64)
         lam, P, base = exact.lam, exact.P, exact.base
+    mr = getattr(exact, "modes", None)
+    if mr is None:
+        mr = np.zeros((len(L), 2), dtype=np.int64)
+        mr[:, 1] = lam.shape[1]
+    dup = np.full((n_states, 0), -1, dtype=np.int64) if dup is None else np.asarray(
+        dup, dtype=np.int64)
     run = mod.integrate_parallel if n_sub >= PARALLEL_FROM and numba.get_num_threads() > 1 \
         else mod.integrate
     steps = run(ev_bounds, ev.time.astype(float), ev.kind.astype(np.int64),
@@ -431,11 +455,12 @@ def integrate_events(model, ev: EventTable, x0: np.ndarray, p: np.ndarray,
                 out_time[order].astype(float), out_event[order].astype(np.int64),
                 np.ascontiguousarray(x0, dtype=float), np.ascontiguousarray(p, dtype=float), L,
                 np.ascontiguousarray(lam, dtype=float), np.ascontiguousarray(P, dtype=float),
-                np.ascontiguousarray(base, dtype=float), float(rtol), float(atol), out)
+                np.ascontiguousarray(base, dtype=float), np.asarray(mr, dtype=np.int64), dup,
+                int(n_states if n_ctrl is None else n_ctrl), float(rtol), float(atol), out)
+    integrate_events.steps = steps  # per subject, for diagnostics and benchmarks
     if np.any(steps < 0):
         s = int(np.flatnonzero(steps < 0)[0])
         raise FloatingPointError(f"non-finite amounts for subject index {s}")
     res = np.empty_like(out)
     res[order] = out
     return res
-
