@@ -97,9 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--prior", action="store_true", help="draw the assumption parameters "
                      "from their stated ranges (log-uniform; uniform when lower = 0)")
-    src.add_argument("--fit", metavar="DIR", help="fit folder with posterior.nc: typical "
-                     "values of the parameters it holds; the other assumptions are drawn from "
-                     "their ranges unless --fit-only")
+    src.add_argument("--fit", metavar="DIR", action="append", help="fit folder with "
+                     "posterior.nc: typical values of the parameters it holds (repeat for the "
+                     "PK and PD fits of a sequential analysis); the other assumptions are "
+                     "drawn from their ranges unless --fit-only")
     c.add_argument("--fit-only", action="store_true", help="with --fit: keep parameters not "
                    "in the posterior at their values")
     c.add_argument("--regimen", action="append", default=None,
@@ -144,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="virtual patients per draw and regimen")
     d.add_argument("--fit-draws", type=int, default=400,
                    help="draws (and tuning steps) per chain of the PK fit, 2 chains")
+    d.add_argument("--pd-draws", type=int, default=150,
+                   help="draws (and tuning steps) per chain of the M-spike fit, 2 chains")
     d.add_argument("--seed", type=int, default=1)
     d.set_defaults(run=_demo)
 
@@ -419,8 +422,9 @@ def _compare(args: argparse.Namespace) -> int:
             dose_ladder(r)
         except ValueError as exc:
             raise CliError(f"--regimen: {exc}") from None
-    if args.fit and not (Path(args.fit) / "posterior.nc").is_file():
-        raise CliError(f"--fit {args.fit}: no such fit directory with posterior.nc")
+    for d in args.fit or []:
+        if not (Path(d) / "posterior.nc").is_file():
+            raise CliError(f"--fit {d}: no such fit directory with posterior.nc")
     out = Path(args.out)
     parent = _writable_folder(out)
     started = time.perf_counter()
@@ -481,7 +485,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .demo import run_demo
 
-    for name in ("n", "draws", "patients", "fit_draws"):
+    for name in ("n", "draws", "patients", "fit_draws", "pd_draws"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got "
                            f"{getattr(args, name)}")
@@ -489,7 +493,7 @@ def _demo(args: argparse.Namespace) -> int:
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     _writable_folder(out)
     report = run_demo(out, n=args.n, draws=args.draws, patients=args.patients,
-                      fit_draws=args.fit_draws, seed=args.seed)
+                      fit_draws=args.fit_draws, pd_draws=args.pd_draws, seed=args.seed)
     print(f"report: {report}")
     return 0
 

@@ -435,7 +435,8 @@ def _decision(draws: pd.DataFrame, low_doses: list[str], standard: str,
 
 # -- the comparison ----------------------------------------------------------------------------
 
-def compare(regimens: Sequence[str], *, source: str | os.PathLike | pd.DataFrame = "prior",
+def compare(regimens: Sequence[str], *,
+            source: str | os.PathLike | Sequence[str | os.PathLike] | pd.DataFrame = "prior",
             risk: str = "intermediate,high", n: int = 200, draws: int = 50,
             years: float = 2.0, seed: int = 1, standard: str | None = None,
             observation: bool = True, margin_progression: float = 0.05,
@@ -450,7 +451,9 @@ def compare(regimens: Sequence[str], *, source: str | os.PathLike | pd.DataFrame
     ``source``: ``"prior"`` (assumption ranges of the model files, see :func:`prior_draws`),
     a fit folder holding ``posterior.nc`` (its variables named like model parameters; with
     ``prior_rest`` the assumptions it does not contain are drawn from their ranges, otherwise
-    they stay at their values), or a DataFrame of draws (one column per parameter).
+    they stay at their values), several fit folders (e.g. the PK and PD fits of a sequential
+    analysis: their draws are paired by index), or a DataFrame of draws (one column per
+    parameter).
     ``standard`` defaults to :func:`standard_regimen`; observation ("none") is added when
     ``observation`` (needed for P(benefit vs observation)). Margins are absolute fractions
     (0.05 = 5 percentage points). ``sensitivity``: True (every assumption with a range) or a
@@ -489,9 +492,16 @@ def compare(regimens: Sequence[str], *, source: str | os.PathLike | pd.DataFrame
         theta = prior_draws(m, draws, seed)
         src_label = "prior"
     else:
-        theta = posterior_draws(source, m, draws)
+        dirs = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+        theta = posterior_draws(dirs[0], m, draws)
+        for d in dirs[1:]:
+            more = posterior_draws(d, m, draws).drop(columns="DRAW")
+            both = [k for k in more.columns if k in theta.columns]
+            if both:
+                raise CompareError(f"--fit {d}: {', '.join(both)} also in an earlier --fit")
+            theta = theta.join(more)
         fitted = [k for k in theta.columns if k != "DRAW"]
-        src_label = f"posterior {source} ({', '.join(fitted)})"
+        src_label = f"posterior {' + '.join(map(str, dirs))} ({', '.join(fitted)})"
         if prior_rest:  # assumptions the fit did not estimate keep their prior uncertainty
             rest = {k: v for k, v in prior_ranges(m).items() if k not in fitted}
             if rest:

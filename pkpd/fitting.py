@@ -52,7 +52,7 @@ __all__ = ["Endpoint", "FitResult", "FitSpecError", "Prior", "Sampler", "fit", "
 
 ERROR_MODELS = ("additive", "proportional", "combined", "lognormal")
 REPO_FITS = Path(__file__).resolve().parent.parent / "fits"  # example specs
-ENGINES = ("nutpie", "pymc")
+ENGINES = ("auto", "nutpie", "pymc")
 _JITTER = 0.1
 
 
@@ -89,14 +89,16 @@ class Prior:
 
 @dataclass(frozen=True)
 class Sampler:
-    """NUTS settings; ``engine`` "nutpie" (default) or "pymc"."""
+    """NUTS settings; ``engine`` "nutpie", "pymc" or "auto" (default: nutpie for closed-form
+    likelihoods; PyMC's multiprocess NUTS for the compiled sensitivity likelihood of nonlinear
+    models, whose Python-level Op would serialise nutpie's threaded chains)."""
 
     chains: int = 4
     draws: int = 1000
     tune: int = 1000
     seed: int = 1
     target_accept: float = 0.8
-    engine: str = "nutpie"
+    engine: str = "auto"
     cores: int | None = None
     progress: bool = True
 
@@ -234,6 +236,14 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                                "and has a prior")
     prior = {k: priors.get(k, _default_prior(model, k, prior_sd)) for k in model.parameters}
     prior.update({k: Prior("fixed", model.parameters[k].value) for k in per_subject})
+    if per_subject:  # e.g. covariate exponents of PK parameters now fixed per subject
+        needed = set().union(*(e.free_symbols for e in model.odes.values()),
+                             *(c.init.free_symbols for c in model.compartments),
+                             *(o.expr.free_symbols for o in model.outputs.values()),
+                             *(e.free_symbols for k, e in model.individual.items()
+                               if k not in per_subject))
+        prior.update({k: Prior("fixed", model.parameters[k].value) for k in model.parameters
+                      if k not in per_subject and sp.Symbol(k, real=True) not in needed})
     estimated = [k for k, p in prior.items() if p.dist != "fixed"]
     fixed = {k: p.center for k, p in prior.items() if p.dist == "fixed"}
     eta_names = [k for k, p in model.parameters.items()
@@ -369,10 +379,21 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
 # --------------------------------------------------------------------------- sampling
 
 
+def _engine(b: _Built, s: Sampler) -> Sampler:
+    """``engine = "auto"`` resolved for this likelihood (see :class:`Sampler`)."""
+    if s.engine != "auto":
+        return s
+    from .likelihood import LinearPredictor
+
+    return dataclasses.replace(s, engine="nutpie" if isinstance(b.predictor, LinearPredictor)
+                               else "pymc")
+
+
 def _sample(b: _Built, s: Sampler):
     import pymc as pm
 
     rng = np.random.default_rng(s.seed)
+    s = _engine(b, s)
     if s.engine == "nutpie":
         try:
             import nutpie  # noqa: F401
@@ -443,7 +464,7 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         omega_scale: Mapping[str, float] | None = None, iiv: str = "diagonal",
         prior_sd: float = 1.0, centred: bool = False, chains: int = 4, draws: int = 1000,
         tune: int = 1000,
-        seed: int = 1, target_accept: float = 0.8, engine: str = "nutpie",
+        seed: int = 1, target_accept: float = 0.8, engine: str = "auto",
         cores: int | None = None, progress: bool = True, posterior_predictive: bool = True,
         where: str = "fit", individual: pd.DataFrame | str | os.PathLike | None = None
         ) -> FitResult:
@@ -466,6 +487,7 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         individual = read_individual(individual)
     b = build(model, ds, endpoints, priors=priors, omega_scale=omega_scale, iiv=iiv,
               prior_sd=prior_sd, centred=centred, where=where, individual=individual)
+    sampler = _engine(b, sampler)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         idata = _sample(b, sampler)
@@ -896,7 +918,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         tune = 1000
         seed = 1
         target_accept = 0.8
-        engine = "nutpie"
+        engine = "auto"                   # nutpie (closed form) or pymc (nonlinear)
 
     BLQ records: a ``CENS`` column (1 = below LLOQ, DV = LLOQ) or ``BLQ``/``BLOQ`` with
     ``LLOQ``; they enter by the M3 method.

@@ -184,6 +184,11 @@ class _Doses:
     ii: np.ndarray        # (S, D) II (SS kinds), h
 
 
+def _id(v) -> str:
+    """An ID as the data file shows it (1, not 1.0)."""
+    return str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v)
+
+
 class SubjectParameters:
     """Per-subject typical values and covariates, shared by the predictors (needs
     ``self.model``, ``self.n_subjects`` and ``self._cov_sub``)."""
@@ -215,15 +220,15 @@ class SubjectParameters:
         by_id = table.drop_duplicates("ID").set_index("ID")
         missing = [i for i in self.subject_ids if i not in by_id.index]
         if missing:
-            raise ValueError(f"{source}: no row for ID {missing[0]} ({len(missing)} subjects "
-                             "of the data set missing)")
+            raise ValueError(f"{source}: no row for ID {_id(missing[0])} ({len(missing)} "
+                             "subjects of the data set missing)")
         fixed = {}
         for c in cols:
             v = pd.to_numeric(by_id.loc[list(self.subject_ids), c], errors="coerce").to_numpy(
                 dtype=float)
             if not np.all(np.isfinite(v)):
                 bad = list(self.subject_ids)[int(np.flatnonzero(~np.isfinite(v))[0])]
-                raise ValueError(f"{source}: column {c}, ID {bad}: expected a number")
+                raise ValueError(f"{source}: column {c}, ID {_id(bad)}: expected a number")
             fixed[c] = v
         self.fixed_individual = fixed
 

@@ -113,7 +113,8 @@ class NonlinearPredictor(SubjectParameters):
 
     # pickling (PyMC's multiprocess sampling): generated functions are rebuilt, not copied
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_systems"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_systems",
+                                                                      "_exact_cache")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -122,6 +123,7 @@ class NonlinearPredictor(SubjectParameters):
     # -- the augmented system -----------------------------------------------------------
     def _system(self) -> None:
         self._systems: dict[tuple[bool, bool], _Augmented] = {}
+        self._exact_cache: tuple = (None, None)  # (parameters, closed form) of the last call
 
     def _augmented(self, exact: bool, derivatives: bool) -> _Augmented:
         aug = self._systems.get((exact, derivatives))
@@ -154,9 +156,17 @@ class NonlinearPredictor(SubjectParameters):
             C = 1 + len(aug.copied)
             par_all = {k: np.concatenate([v] + [v + steps[k] if k == c else v
                                                 for c in aug.copied]) for k, v in par.items()}
-            props = _exact_part(m, par_all, {k: np.tile(v, C) for k, v in cov.items()}, n * C)
-            if props is not None:
-                exact, linear = _stack(props, C), aug.linear
+            key = (derivatives, tuple(np.concatenate([par_all[k] for k in aug.lin_params]
+                                                     ).tolist()))
+            if self._exact_cache[0] == key:  # e.g. PK fixed per subject (IPP): reuse
+                exact = self._exact_cache[1]
+            else:
+                props = _exact_part(m, par_all, {k: np.tile(v, C) for k, v in cov.items()},
+                                    n * C)
+                exact = None if props is None else _stack(props, C)
+                self._exact_cache = (key, exact)
+            if exact is not None:
+                linear = aug.linear
         if exact is None:  # no closed form (or ill-conditioned): integrate every state
             aug = self._augmented(False, derivatives)
             steps = {}
@@ -291,6 +301,7 @@ class _Augmented:
         lin_syms = set().union(*(e.free_symbols for e in part[1].A),
                                *(e.free_symbols for e in part[1].c)) if L else set()
         self.copied = [k for k in self.params if sym[k] in lin_syms]
+        self.lin_params = [k for k, p in zip(m.parameters, pars, strict=True) if p in lin_syms]
         # which parameters each state depends on (fixpoint over the coupling)
         dep = {i: ({k for k in self.copied} if i in L else
                    {k for k in self.params if sym[k] in f[i].free_symbols | init[i].free_symbols})

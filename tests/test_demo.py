@@ -1,4 +1,5 @@
-"""`pkpd demo` end to end on tiny settings: data set, PK fit folder, report; bad input."""
+"""`pkpd demo` end to end on tiny settings: data set, PK and M-spike fit folders, report; bad
+input."""
 
 from __future__ import annotations
 
@@ -23,13 +24,19 @@ def test_demo_dataset_is_nonmem_with_both_endpoints():
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--n", "6", "--draws", "3", "--patients", "12",
-                 "--fit-draws", "60", "--seed", "2"]) == 0
+                 "--fit-draws", "60", "--pd-draws", "30", "--seed", "2"]) == 0
     printed = capsys.readouterr().out
     assert f"report: {out / 'report' / 'report.html'}" in printed
     ds = read_nonmem(out / "data" / "smm_trial.csv")
     assert len(ds) > 0 and {"DVID", "MSPIKE0"} <= set(ds.data.columns)
-    for name in ("posterior.nc", "summary.csv", "diagnostics.json"):
-        assert (out / "fit" / name).is_file()
+    for fit in ("fit_pk", "fit_pd"):
+        for name in ("posterior.nc", "summary.csv", "diagnostics.json", "individual.csv"):
+            assert (out / fit / name).is_file()
+    # the M-spike fit estimated the kill rate with each patient's PK fixed (IPP)
+    import pandas as pd
+    summary = pd.read_csv(out / "fit_pd" / "summary.csv").set_index("parameter")
+    assert {"KKILL", "FRES", "omega_KKILL"} <= set(summary.index)
+    assert "CL" not in summary.index
     for name in ("report.html", "endpoints.csv", "decision.csv"):
         assert (out / "report" / name).is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
