@@ -2,8 +2,9 @@
 
 60 patients, selinexor 80 mg twice weekly (days 1 and 3 of each week) for 4 weeks; 4-6
 samples each: 2-3 after the first dose (0.5-24 h), one before the day-3 dose (47.9 h) and
-1-2 after the day-22 dose. DV has 4 significant digits. Body weight ~ N(75, 15) kg (45-130), 40 % women. Truth = models/selinexor_pk.toml
-typical values and IIV; residual error 20 % proportional. Run from the repository root:
+1-2 after the day-22 dose. DV has 4 significant digits. Body weight ~ N(75, 15) kg
+(45-130), 40 % women. Truth = models/selinexor_pk.toml typical values and IIV; residual
+error 20 % proportional. Run from the repository root:
 
     .venv/bin/python fits/data/make_selinexor_poppk.py
 """
