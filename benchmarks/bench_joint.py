@@ -1,0 +1,114 @@
+"""Joint PK → XPO1 → M-spike fit benchmark (issue 4, benchmark c): N = 60 patients over
+2 years, the spec fits/selinexor_smm_joint.toml on fits/data/selinexor_smm_joint.csv
+(40/60/100 mg QW × 104 weeks, sparse CP, 4-weekly M-spike).
+
+The likelihood is the compiled forward-sensitivity solver (pkpd.sensitivity). Sampling the
+full spec takes hours, so this script measures what the wall time is made of and projects it:
+
+1. build (sympy generation, kernel load/compile, PyMC graph) — measured;
+2. one gradient of the log density (all 60 patients × 2 years with sensitivities) — measured,
+   median of repeated calls;
+3. leapfrog steps per NUTS iteration — measured on a short run (``--probe`` draws + tune per
+   chain, PyMC's multiprocess NUTS, 2 chains on 2 cores);
+4. projected wall time of the spec's sampler settings = build + iterations × steps × gradient
+   time / parallel chains.
+
+The same is measured for the sequential (IPP) alternative: the PK fit (closed form, nutpie,
+measured in full) and the M-spike fit with each patient's PK fixed (fits/selinexor_smm_pd.toml).
+
+    python benchmarks/bench_joint.py [--probe 30] [--out benchmarks/results/bench_joint.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from pkpd.fitting import build, fit, fit_spec, load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _gradient_ms(b, repeats: int = 10) -> float:
+    fn = b.pm_model.compile_dlogp()
+    point = b.pm_model.initial_point()
+    fn(point)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(point)
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
+
+
+def _measure(spec, probe: int, label: str) -> dict:
+    print(f"[{label}] build", flush=True)
+    t = time.perf_counter()
+    b = build(spec.model, spec.data, spec.endpoints, priors=spec.priors,
+              omega_scale=spec.omega_scale, iiv=spec.iiv, prior_sd=spec.prior_sd,
+              centred=spec.centred, where=str(spec.path), individual=spec.individual)
+    t_build = time.perf_counter() - t
+    grad = _gradient_ms(b)
+    print(f"[{label}] build {t_build:.1f} s, gradient {grad:.1f} ms; probing NUTS "
+          f"(2 chains × ({probe} + {probe}))", flush=True)
+    t = time.perf_counter()
+    res = fit(spec.model, spec.data, spec.endpoints, priors=spec.priors,
+              omega_scale=spec.omega_scale, iiv=spec.iiv, prior_sd=spec.prior_sd,
+              centred=spec.centred, chains=2, draws=probe, tune=probe, seed=1,
+              target_accept=spec.sampler.target_accept, progress=False,
+              posterior_predictive=False, individual=spec.individual)
+    t_probe = time.perf_counter() - t
+    steps = float(res.idata.sample_stats["n_steps"].mean())
+    s = spec.sampler
+    iters = s.draws + s.tune
+    parallel = min(s.chains, os.cpu_count() or 1)
+    projected = t_build + s.chains * iters * steps * grad / 1000 / parallel
+    return {"build_s": round(t_build, 1), "gradient_ms": round(grad, 2),
+            "probe": {"chains": 2, "draws": probe, "tune": probe,
+                      "wall_s": round(t_probe, 1), "steps_per_iteration": round(steps, 1)},
+            "spec_sampler": {"chains": s.chains, "draws": s.draws, "tune": s.tune},
+            "projected_wall_s": round(projected, 0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--probe", type=int, default=30)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_joint.json"))
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    load = os.getloadavg()[0]
+    joint = _measure(load_spec(ROOT / "fits" / "selinexor_smm_joint.toml"), args.probe,
+                     "joint")
+    # sequential: the PK fit in full (its individual.csv feeds the PD spec), then the PD probe
+    with tempfile.TemporaryDirectory() as tmp:
+        pk_spec = load_spec(ROOT / "fits" / "selinexor_smm_pk.toml")
+        pk_spec = dataclasses.replace(pk_spec, output=Path(tmp) / "selinexor_smm_pk")
+        print("[ipp] PK fit (closed form, nutpie, spec settings)", flush=True)
+        t = time.perf_counter()
+        pk = fit_spec(pk_spec, progress=False)
+        t_pk = time.perf_counter() - t
+        pd_spec = load_spec(ROOT / "fits" / "selinexor_smm_pd.toml")
+        pd_spec = dataclasses.replace(pd_spec, individual=pk.individual_parameters())
+        pd_part = _measure(pd_spec, args.probe, "ipp")
+    ipp = {"pk_fit_wall_s": round(t_pk, 1), "pd": pd_part,
+           "projected_wall_s": round(t_pk + pd_part["projected_wall_s"], 0)}
+    result = {"n_patients": 60, "weeks": 104, "load_average_at_start": round(load, 2),
+              "target_s": 600, "joint": joint, "ipp": ipp}
+    print(json.dumps(result, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()
