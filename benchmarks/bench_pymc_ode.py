@@ -71,6 +71,11 @@ def stage(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
 
 
+def sig(x: float, digits: int = 4) -> float:
+    """``x`` rounded to ``digits`` significant digits (ESS/s spans 1e-3 to 10 here)."""
+    return float(f"{x:.{digits}g}")
+
+
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -235,8 +240,8 @@ def summarise(idata, wall: dict[str, float]) -> dict:
     post = idata.posterior
     return {"wall_s": {k: round(v, 1) for k, v in wall.items()}, "total_s": round(total, 1),
             "min_ess_bulk": round(ess_v[worst], 1), "min_ess_param": worst,
-            "ess_per_s": round(ess_v[worst] / total, 3),
-            "ess_per_s_sampling_only": round(ess_v[worst] / wall["sampling"], 3)
+            "ess_per_s": sig(ess_v[worst] / total),
+            "ess_per_s_sampling_only": sig(ess_v[worst] / wall["sampling"])
             if "sampling" in wall else None,
             "ess_bulk": {k: round(v, 1) for k, v in ess_v.items()},
             "max_r_hat": round(max(float(rhat[k]) for k in POP), 3),
@@ -323,7 +328,7 @@ def projection(ours_pymc: dict, ode: dict, chains: int, cores: int) -> dict:
             "wall_s": {"build_compile_init": round(fixed, 1), "sampling": round(sampling, 1)},
             "total_s": round(total, 1), "min_ess_bulk": ours_pymc["min_ess_bulk"],
             "min_ess_param": ours_pymc["min_ess_param"],
-            "ess_per_s": round(ours_pymc["min_ess_bulk"] / total, 5),
+            "ess_per_s": sig(ours_pymc["min_ess_bulk"] / total),
             "gradient_evaluations": ours_pymc["gradient_evaluations"],
             "divergences": None, "mean_leapfrog_steps": ours_pymc["mean_leapfrog_steps"],
             "max_r_hat": None}
@@ -345,6 +350,7 @@ def write_json(out: dict, path: Path) -> None:
     with os.fdopen(fd, "w") as fh:
         json.dump(out, fh, indent=2)
         fh.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -442,6 +448,8 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"ESS/s ratio {k}: {v:g}×" + ("" if "pymc_nuts" in k else
                                             f" (target ≥ 50×: {'met' if v >= 50 else 'NOT met'})"))
+    if args.quick:
+        print("(--quick: a smoke test of the script; its ESS and ratios mean nothing)")
     print("\nposterior agreement, |median ours/nutpie - median pymc.ode| / pooled SD:")
     print(f"{'param':<15}{'ours':>10}{'pymc.ode':>10}{'SD ours':>10}{'SD ode':>10}{'dist':>7}")
     for k in POP:
