@@ -482,7 +482,6 @@ def _writable_folder(out: Path) -> Path:
 
 
 def _demo(args: argparse.Namespace) -> int:
-
     from .demo import run_demo
 
     for name in ("n", "draws", "patients", "fit_draws", "pd_draws"):

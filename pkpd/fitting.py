@@ -225,15 +225,7 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                                f"{', '.join(ERROR_MODELS)}, got {ep.error!r}")
     obs = _observations(ds, endpoints, where)
     rows = np.unique(np.concatenate([o["rows"] for o in obs.values()]))
-    per_subject = [c for c in (individual.columns if individual is not None else ())
-                   if c != "ID"]
-    for k in per_subject:
-        if k not in model.parameters:
-            raise FitSpecError(f"{where}: individual parameters: {k!r} is not a parameter of "
-                               f"{model.name}")
-        if k in priors:
-            raise FitSpecError(f"{where}: {k} is fixed per subject (individual parameters) "
-                               "and has a prior")
+    per_subject = _check_individual(individual, model, priors, where)
     prior = {k: priors.get(k, _default_prior(model, k, prior_sd)) for k in model.parameters}
     prior.update({k: Prior("fixed", model.parameters[k].value) for k in per_subject})
     if per_subject:  # e.g. covariate exponents of PK parameters now fixed per subject
@@ -254,7 +246,7 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
         model.individual[k].free_symbols & est_syms if k in model.individual else
         k in estimated))]
     # closed form, or compiled sensitivities of the individual parameters that vary and of
-    # the states the endpoints need (rtol 1e-5: ≤ 1e-4 relative, far below residual error)
+    # the states the endpoints need (see pkpd.sensitivity.predictor for its tolerances)
     pred = predictor(model, ds, rows=rows, vary=vary,
                      outputs=sorted({ep.output for ep in endpoints}))
     if per_subject:
@@ -390,10 +382,10 @@ def _engine(b: _Built, s: Sampler) -> Sampler:
 
 
 def _sample(b: _Built, s: Sampler):
+    """Sample with ``s.engine`` (resolved by :func:`_engine`)."""
     import pymc as pm
 
     rng = np.random.default_rng(s.seed)
-    s = _engine(b, s)
     if s.engine == "nutpie":
         try:
             import nutpie  # noqa: F401
@@ -443,6 +435,25 @@ def sample_nutpie(compiled, s: Sampler):
                          target_accept=s.target_accept, progress_bar=s.progress,
                          cores=s.cores or min(s.chains, os.cpu_count() or 1),
                          save_warmup=False)
+
+
+def _check_individual(table: pd.DataFrame | None, model: Model, priors: Mapping[str, Prior],
+                      where: str) -> list[str]:
+    """The parameters a table of individual parameters fixes per subject (its columns but
+    ID), checked: an ID column, model parameters only, none with a prior."""
+    if table is None:
+        return []
+    if "ID" not in table.columns:
+        raise FitSpecError(f"{where}: individual parameters: expected a column ID")
+    cols = [c for c in table.columns if c != "ID"]
+    for k in cols:
+        if k not in model.parameters:
+            raise FitSpecError(f"{where}: individual parameters: {k!r} is not a parameter of "
+                               f"{model.name}")
+        if k in priors:
+            raise FitSpecError(f"{where}: [priors] {k}: fixed per subject by the individual "
+                               "parameters")
+    return cols
 
 
 def read_individual(path: str | os.PathLike) -> pd.DataFrame:
@@ -1029,14 +1040,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
             individual = read_individual(base / f["individual"])
         except FitSpecError as e:
             raise FitSpecError(f"{where}: [fit] individual: {e}") from None
-        bad = [c for c in individual.columns if c != "ID" and c not in model.parameters]
-        if "ID" not in individual.columns or bad:
-            raise FitSpecError(f"{where}: [fit] individual: expected ID and parameters of "
-                               f"{model.name}, got {', '.join(map(str, individual.columns))}")
-        clash = [c for c in individual.columns if c in priors]
-        if clash:
-            raise FitSpecError(f"{where}: [priors] {clash[0]}: fixed per subject by [fit] "
-                               "individual")
+        _check_individual(individual, model, priors, f"{where}: [fit] individual")
     return FitSpec(path, f["name"], model, data, endpoints, priors, omega_scale, iiv,
                    float(prior_sd), param == "centred", sampler, out, text, individual)
 

@@ -126,6 +126,8 @@ class NonlinearPredictor(SubjectParameters):
         self._exact_cache: tuple = (None, None)  # (parameters, closed form) of the last call
 
     def _augmented(self, exact: bool, derivatives: bool) -> _Augmented:
+        part = self.model.linear_part
+        exact = exact and part is not None and part[1].closed_form  # else: one system
         aug = self._systems.get((exact, derivatives))
         if aug is None:
             aug = self._systems[exact, derivatives] = _Augmented(
@@ -289,7 +291,6 @@ class _Augmented:
                     needed.add(j)
                     frontier.append(j)
         f = [f[i] if i in needed else sp.Integer(0) for i in range(n)]
-        self.needed = needed
         init = [c.init for c in m.compartments]
         used = set().union(*(e.free_symbols for e in f), *(init[i].free_symbols for i in needed),
                            *(m.outputs[o].expr.free_symbols for o in outputs))
@@ -348,7 +349,7 @@ class _Augmented:
         self._init = sp.lambdify(pars + covs, init, **lam)
         self._dinit = sp.lambdify(pars + covs, [sp.diff(init[i], sym[k]) for i, k in self.pairs],
                                   **lam)
-        self._L, self._copies = L, list(copies)
+        self._copies = list(copies)
         self._param_order = list(m.parameters) + list(m.covariates)
         self._pair_index = {pk: n + len(copies) + q for q, pk in enumerate(self.pairs)}
         self.outputs: dict[str, tuple] = {}
