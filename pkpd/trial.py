@@ -31,6 +31,7 @@ from .model import Model, load_model
 from .population import smm_population
 from .regimen import Regimen, RegimenError
 from .simulation import Course, individual_parameters, sample_etas
+from .solvers.periodic import Pattern, PeriodicSolver, Unsupported
 
 __all__ = ["TrialResult", "dose_ladder", "run_trial"]
 
@@ -76,13 +77,31 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
               n: int = 2000, years: float = 2.0, seed: int = 1, population: str = "smm",
               model: Model | str = "selinexor_smm",
               theta: Mapping[str, float | np.ndarray] | None = None,
-              progress: Callable[[int, int], None] | None = None) -> TrialResult:
+              progress: Callable[[int, int], None] | None = None,
+              engine: str = "periodic") -> TrialResult:
     """Simulate ``n`` patients on ``regimen`` for ``years``; same seed ⇒ same result (and,
     across regimens, the same patients and random event times: common random numbers).
 
     ``theta`` overrides typical values, one value or one per patient (e.g. parameter draws of
     a posterior or of the model files' assumption ranges, each shared by a block of patients).
+
+    ``engine``: "periodic" (default) steps each week with per-patient maps of each dose level
+    (:mod:`pkpd.solvers.periodic`, ≈ 10× faster, within 1 % of the reference), falling back to
+    "ode" (the error-controlled compiled solver, rtol 1e-4) when the model does not have that
+    structure.
     """
+    if engine not in ("periodic", "ode"):
+        raise ValueError(f"engine must be 'periodic' or 'ode', got {engine!r}")
+    if engine == "periodic":
+        try:
+            return _run(regimen, risk, n, years, seed, population, model, theta, progress,
+                        "periodic")
+        except Unsupported:  # e.g. a dose not eliminated within the week: the reference
+            pass
+    return _run(regimen, risk, n, years, seed, population, model, theta, progress, "ode")
+
+
+def _run(regimen, risk, n, years, seed, population, model, theta, progress, engine):
     if population not in ("smm", "rrmm"):
         raise ValueError(f"population must be 'smm' or 'rrmm', got {population!r}")
     if years <= 0 or years > 10:
@@ -105,7 +124,11 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
     ind = individual_parameters(m, covs, theta=theta, eta=eta).params
 
     n_weeks = int(round(years * 52))
-    course = Course(m, ind, covs, rtol=1e-4, atol=1e-8)
+    solver = None
+    if engine == "periodic":
+        patterns = [Pattern(offsets, (dose,) * len(offsets)) for dose, offsets in ladder]
+        solver = PeriodicSolver(m, ind, covs, [*patterns, Pattern()], period=WEEK)
+    course = None if solver is not None else Course(m, ind, covs, rtol=1e-4, atol=1e-8)
     level = np.zeros(n, int)
     held = np.zeros(n, bool)
     stopped = np.full(n, not ladder)
@@ -118,36 +141,50 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
     inh_sum = np.zeros(n)  # Σ daily XPO1 inhibition (fraction)
     reduced_day = np.full(n, np.nan)  # restart one level lower (or stop), days
     index = {s: i for i, s in enumerate(m.states)}
-    first = dict(zip(m.states, course.x.T, strict=True))
+    first = dict(zip(m.states, solver.x if solver is not None else course.x.T, strict=True))
     weekly["MSPIKE"][:, 0] = first["MPROT"]
     weekly["SFLC"][:, 0] = first["FLC"]
     weekly["PLT"][:, 0] = first["CIRC"]
     day = np.arange(0.0, WEEK + 1, 24.0)
+    if solver is not None:
+        daily = np.searchsorted(solver.times, day[1:])
+        col = solver.columns
+        circ_start = first["CIRC"]
     for w in range(n_weeks):
         t0 = w * WEEK
         doses = []  # (patients, time h, amount mg)
+        dosing = ~held & ~stopped
         if ladder:
-            dosing = ~held & ~stopped
             for lv, (dose, offsets) in enumerate(ladder):
                 who = np.flatnonzero(dosing & (level == lv))
                 doses += [(who, np.full(len(who), t0 + o), np.full(len(who), dose))
                           for o in offsets]
                 delivered[who] += dose * len(offsets)
-        subj, times, amts = (np.concatenate([d[i] for d in doses]) if doses else np.zeros(0)
-                             for i in range(3))
-        order = np.lexsort((times, subj))
-        amounts = course.run(t0, t0 + day, subj[order].astype(int), times[order], amts[order])
-        bound = amounts[index["BOUND"], 1:]
-        inh_sum += (bound / (bound + amounts[index["XPO1"], 1:])).sum(axis=0)
-        plt_week = amounts[index["CIRC"]].min(axis=0)
+        if solver is not None:
+            res = solver.run(np.where(dosing, level, len(ladder)))  # (n, steps, columns)
+            end = {k: res[:, -1, col[k]] for k in ("MPROT", "FLC", *hazards)}
+            bound = res[:, daily, col["BOUND"]]  # (n, 7) end of each day
+            circ = np.column_stack([circ_start, res[:, daily, col["CIRC"]]])
+            circ_start = circ[:, -1]
+        else:
+            subj, times, amts = (np.concatenate([d[i] for d in doses]) if doses
+                                 else np.zeros(0) for i in range(3))
+            order = np.lexsort((times, subj))
+            amounts = course.run(t0, t0 + day, subj[order].astype(int), times[order],
+                                 amts[order])
+            end = {k: amounts[index[k], -1] for k in ("MPROT", "FLC", *hazards)}
+            bound = amounts[index["BOUND"], 1:].T
+            circ = amounts[index["CIRC"]].T
+        inh_sum += bound.sum(axis=1)  # XPO1_INH = BOUND
+        plt_week = circ.min(axis=1)
         plt_min = np.minimum(plt_min, plt_week)
-        weekly["MSPIKE"][:, w + 1] = amounts[index["MPROT"], -1]
-        weekly["SFLC"][:, w + 1] = amounts[index["FLC"], -1]
+        weekly["MSPIKE"][:, w + 1] = end["MPROT"]
+        weekly["SFLC"][:, w + 1] = end["FLC"]
         weekly["PLT"][:, w + 1] = plt_week
         for k in hazards:
-            hazards[k][:, w + 1] = amounts[index[k], -1]
+            hazards[k][:, w + 1] = end[k]
         # label: hold at grade 4 until ≥ 50, then one level lower (stop below the ladder)
-        plt_end = amounts[index["CIRC"], -1]
+        plt_end = circ[:, -1]
         newly = ~held & ~stopped & (plt_week < 25.0)
         held |= newly
         resume = held & (plt_end >= 50.0) & ~newly
