@@ -139,6 +139,14 @@ def slow_rates(p, x, f, d, a, b):
 
 
 @njit(cache=True, inline="always")
+def _pow(x, y):
+    # x**y for a parameter exponent, which is often 1 (e.g. a hazard proportional to burden)
+    if y == 1.0:
+        return x
+    return x ** y
+
+
+@njit(cache=True, inline="always")
 def _factors(z):
     # e^z, φ1(z) = (e^z − 1)/z, φ2(z) = (e^z − 1 − z)/z² from one expm1 (series near 0)
     if abs(z) < 1e-4:
@@ -147,13 +155,36 @@ def _factors(z):
     return em + 1.0, em / z, (em - z) / (z * z)
 
 
+@njit(cache=True, inline="always")
+def driven_rates(p, y, a, c, d):
+{driven_body}
+
+
 @njit(cache=True, parallel=True)
-def compose(a, c, drv, g, edges, maps, dbar):
-    # driven states dx/dt = a·x + c on the fine grid g (a, c: (n, g, nd), linear in time
-    # between grid points): per coarse step j (g[edges[j]] to g[edges[j + 1]]) the maps
-    # x → α·x + β and ∫x dt → γ·x + δ (maps (n, steps, 4, nd)); step means of drv → dbar
-    n, _, nd = a.shape
+def compose(p, lam, unit, t_d, a_d, g, edges, maps, dbar):
+    # per subject i: PK amounts on the fine grid g (doses a_d at t_d, modes lam with unit
+    # responses unit (n, modes, pk)); driven states dx/dt = a·x + c there (a, c linear in
+    # time between grid points); per coarse step j (g[edges[j]] to g[edges[j + 1]]) the maps
+    # x → α·x + β and ∫x dt → γ·x + δ (maps (n, steps, 4, nd)); step means of drivers → dbar
+    n, nm, npk = unit.shape
+    nd = maps.shape[3]
+    nD = dbar.shape[2]
+    ng = g.shape[0]
     for i in prange(n):
+        a = np.empty((ng, nd))
+        c = np.empty((ng, nd))
+        d = np.empty((ng, nD))
+        y = np.empty(npk)
+        for m in range(ng):
+            y[:] = 0.0
+            for k in range(t_d.shape[1]):
+                dt = g[m] - t_d[i, k]
+                if a_d[i, k] > 0.0 and dt >= 0.0:
+                    for q in range(nm):
+                        e = a_d[i, k] * math.exp(lam[i, q] * dt)
+                        for r in range(npk):
+                            y[r] += e * unit[i, q, r]
+            driven_rates(p[i], y, a[m], c[m], d[m])
         for j in range(edges.shape[0] - 1):
             lo, hi = edges[j], edges[j + 1]
             width = g[hi] - g[lo]
@@ -161,13 +192,13 @@ def compose(a, c, drv, g, edges, maps, dbar):
                 al, be, ga, de = 1.0, 0.0, 0.0, 0.0
                 for m in range(lo, hi):
                     h = g[m + 1] - g[m]
-                    z = 0.5 * (a[i, m, q] + a[i, m + 1, q]) * h
+                    z = 0.5 * (a[m, q] + a[m + 1, q]) * h
                     if z == 0.0:  # e.g. a cumulative hazard
                         ez, p1, p2 = 1.0, 1.0, 0.5
                     else:
                         ez, p1, p2 = _factors(z)
                     al1 = ez * al
-                    be1 = ez * be + h * (p1 * c[i, m, q] + p2 * (c[i, m + 1, q] - c[i, m, q]))
+                    be1 = ez * be + h * (p1 * c[m, q] + p2 * (c[m + 1, q] - c[m, q]))
                     ga += 0.5 * h * (al + al1)
                     de += 0.5 * h * (be + be1)
                     al, be = al1, be1
@@ -175,10 +206,10 @@ def compose(a, c, drv, g, edges, maps, dbar):
                 maps[i, j, 1, q] = be
                 maps[i, j, 2, q] = ga
                 maps[i, j, 3, q] = de
-            for q in range(drv.shape[2]):
+            for q in range(nD):
                 acc = 0.0
                 for m in range(lo, hi):
-                    acc += 0.5 * (g[m + 1] - g[m]) * (drv[i, m, q] + drv[i, m + 1, q])
+                    acc += 0.5 * (g[m + 1] - g[m]) * (d[m, q] + d[m + 1, q])
                 dbar[i, j, q] = acc / width
 
 
@@ -248,7 +279,13 @@ def _kernel_source(model: Model, s: Split) -> tuple[str, list[bool]]:
         b_sl.append(sp.expand(r - a * xs[i]) if a != 0 else r)
         const.append(not (a.free_symbols & variable))
     temps, reduced = sp.cse([*a_sl, *b_sl], symbols=sp.numbered_symbols("_c"))
-    printer = _Printer({"fully_qualified_modules": True})
+    class _Pow(_Printer):
+        def _print_Pow(self, expr, rational=False):  # noqa: N802 (sympy's printer API)
+            if expr.exp.is_Symbol:
+                return f"_pow({self._print(expr.base)}, {self._print(expr.exp)})"
+            return super()._print_Pow(expr, rational=rational)
+
+    printer = _Pow({"fully_qualified_modules": True})
     printer._names = names
     lines = []
     for sym, e in temps:
@@ -257,7 +294,28 @@ def _kernel_source(model: Model, s: Split) -> tuple[str, list[bool]]:
     m = len(a_sl)
     for q, e in enumerate(reduced):
         lines.append(f"    {'a' if q < m else 'b'}[{q % m}] = {printer.doprint(e)}")
-    return _KERNEL.replace("{body}", "\n".join(lines) or "    pass"), const
+    # driven: dx/dt = a(PK)·x + c(PK); and the drivers, functions of the PK amounts y
+    a_dr, c_dr = [], []
+    for i in s.driven:
+        e = model.odes[model.states[i]]
+        a = sp.diff(e, xs[i])
+        a_dr.append(a)
+        c_dr.append(sp.expand(e - a * xs[i]))
+    names = {a: f"p[{i}]" for i, a in enumerate(args)}
+    names.update({xs[i]: f"y[{q}]" for q, i in enumerate(s.pk)})
+    printer._names = names
+    temps, reduced = sp.cse([*a_dr, *c_dr, *s.drivers], symbols=sp.numbered_symbols("_c"))
+    driven = []
+    for sym, e in temps:
+        driven.append(f"    {sym} = {printer.doprint(e)}")
+        names[sym] = str(sym)
+    nd = len(a_dr)
+    for q, e in enumerate(reduced):
+        target = "a" if q < nd else "c" if q < 2 * nd else "d"
+        driven.append(f"    {target}[{q if q < nd else q - nd if q < 2 * nd else q - 2 * nd}]"
+                      f" = {printer.doprint(e)}")
+    src = _KERNEL.replace("{body}", "\n".join(lines) or "    pass")
+    return src.replace("{driven_body}", "\n".join(driven) or "    pass"), const
 
 
 class PeriodicSolver:
@@ -306,18 +364,7 @@ class PeriodicSolver:
         if model.dosing:
             raise Unsupported(f"{model.name}: F, lag or modelled rates of doses")
         xs = model.state_symbols
-        args = [sp.Symbol(k, real=True) for k in (*model.parameters, *model.covariates)]
         s = self.sp
-        # driven: dx/dt = a(PK)·x + c(PK)
-        a_dr, c_dr = [], []
-        for i in s.driven:
-            e = model.odes[model.states[i]]
-            a = sp.diff(e, xs[i])
-            a_dr.append(a)
-            c_dr.append(sp.expand(e - a * xs[i]))
-        pk_args = [xs[i] for i in s.pk]
-        self._driven_fn = sp.lambdify([*args, *pk_args], [*a_dr, *c_dr, *s.drivers],
-                                      modules="numpy", cse=True)
         # slow: dx/dt = a·x + b (a, b of slow states, driven states, drivers), compiled
         from .compiled import load_kernel
 
@@ -365,19 +412,8 @@ class PeriodicSolver:
             rows = prev == u
             t_d[rows, width:width + k] = np.asarray(p.times) - self.period
             a_d[rows, width:width + k] = p.amounts
-        # PK amounts on the grid from an empty system: Σ_doses Σ_modes e^{λ(t−τ)} P·dose
         lam, P = self.prop.lam[sub], self.prop.P[sub]  # (k, m), (k, m, pk, pk)
-        col = s.pk.index(self.dose_state)
-        unit = P[:, :, :, col]  # (k, m, pk)
-        pk_amt = np.zeros((len(s.pk), len(g), len(sub)))
-        for d in range(t_d.shape[1]):
-            given = a_d[:, d] > 0
-            if not given.any():
-                continue
-            dt = g[:, None] - t_d[None, :, d]  # (g, k)
-            on = (dt >= 0) & given[None, :]
-            e = np.exp(lam[None, :, :] * np.where(on, dt, 0.0)[:, :, None])  # (g, k, m)
-            pk_amt += np.einsum("gnm,nmk->kgn", e * on[:, :, None], unit) * a_d[:, d]
+        unit = P[:, :, :, s.pk.index(self.dose_state)]  # (k, m, pk): response to a unit dose
         # what is left two periods on is neglected: check it is negligible
         e_end = np.exp(lam[:, None, :] * (2 * self.period - t_d[:, :width, None]))  # (k, D, m)
         left = np.einsum("ndm,nmk->nk", e_end * a_d[:, :width, None], unit)
@@ -387,19 +423,10 @@ class PeriodicSolver:
             raise Unsupported(f"{carry.max():.1e} of the doses of a {self.period:g}-h period "
                               f"is left in the PK compartments two periods later (above "
                               f"{self.carry_tol:g}): periods are not independent")
-        nd = len(s.driven)
-        out = self._driven_fn(*self.table[:, None, sub], *pk_amt)
-        out = [np.broadcast_to(np.asarray(o, float), (len(g), len(sub))) for o in out]
-        shape = (len(sub), len(g), 0)
-        a = np.stack(out[:nd], axis=-1).transpose(1, 0, 2) if nd else np.zeros(shape)
-        c = np.stack(out[nd:2 * nd], axis=-1).transpose(1, 0, 2) if nd else np.zeros(shape)
-        drv = (np.stack(out[2 * nd:], axis=-1).transpose(1, 0, 2) if len(s.drivers)
-               else np.zeros(shape))
-        maps = np.empty((len(sub), len(self.times), 4, nd))
+        maps = np.empty((len(sub), len(self.times), 4, len(s.driven)))
         dbar = np.empty((len(sub), len(self.times), len(s.drivers)))
-        self._kernel.compose(np.ascontiguousarray(a), np.ascontiguousarray(c),
-                             np.ascontiguousarray(drv), g, np.searchsorted(g, edges_t), maps,
-                             dbar)
+        self._kernel.compose(self._p[sub], lam, np.ascontiguousarray(unit), t_d, a_d, g,
+                             np.searchsorted(g, edges_t), maps, dbar)
         self._maps_all[sub] = maps
         self._dbar_all[sub] = dbar
 
