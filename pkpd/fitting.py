@@ -20,6 +20,10 @@ Residual error per endpoint: additive (sd = a), proportional (sd = b·f), combin
 (sd = √(a² + b²f²)), log-normal (log DV ~ N(log f, σ)). BLQ by M3: a left-censored record
 contributes P(Y < LLOQ) (``CENS`` = 1 with DV = LLOQ, or ``BLQ``/``BLOQ`` = 1 with ``LLOQ``).
 
+Sequential fits: ``individual`` fixes parameters per subject (IPP); ``population`` fixes
+population parameters (θ, ω, residual error; PPP&D, Zhang, Beal & Sheiner 2003) at an earlier
+fit's posterior medians while every subject's η and the data stay in the likelihood.
+
 Sampling: nutpie (NUTS, numba-compiled) by default, PyMC's NUTS as fallback; chains start at
 the model file's values (η = 0) with a small jitter (±0.1 on the unconstrained scale).
 """
@@ -48,7 +52,7 @@ from .dataset import Dataset, DatasetError, from_frame, read_nonmem
 from .model import Model, ModelError, load_model
 
 __all__ = ["Endpoint", "FitResult", "FitSpecError", "Prior", "Sampler", "fit", "fit_spec",
-           "load_spec", "read_individual", "ERROR_MODELS"]
+           "load_spec", "read_individual", "read_population", "ERROR_MODELS"]
 
 ERROR_MODELS = ("additive", "proportional", "combined", "lognormal")
 REPO_FITS = Path(__file__).resolve().parent.parent / "fits"  # example specs
@@ -131,6 +135,8 @@ class _Built:
     obs: dict[str, dict[str, np.ndarray]]  # label → rows (into dataset), dv, cens, lloq
     initial: dict[str, np.ndarray]
     sigma_names: dict[str, list[str]]
+    # population parameters fixed by ``population`` (PPP&D): θ names, omega_<P>, sigma names
+    population: dict[str, float] = field(default_factory=dict)
 
 
 def _default_prior(model: Model, name: str, prior_sd: float) -> Prior:
@@ -197,11 +203,15 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
           priors: Mapping[str, Prior] | None = None,
           omega_scale: Mapping[str, float] | None = None, iiv: str = "diagonal",
           prior_sd: float = 1.0, centred: bool = False, where: str = "fit",
-          individual: pd.DataFrame | None = None) -> _Built:
+          individual: pd.DataFrame | None = None,
+          population: Mapping[str, float] | None = None) -> _Built:
     """The PyMC model of a population fit (see the module docstring); ``centred`` samples η
     directly (better when individual data are rich) instead of z. ``individual`` (ID and
     parameter columns) fixes those parameters per subject (IPP: e.g. the individual PK
-    parameters of an earlier PK fit, :meth:`FitResult.individual_parameters`)."""
+    parameters of an earlier PK fit, :meth:`FitResult.individual_parameters`).
+    ``population`` (name → value, e.g. :func:`read_population` of an earlier fit) fixes
+    population parameters (PPP&D): θ by parameter name, ω by ``omega_<P>`` and residual
+    error by ``sigma_<add|prop|log>_<endpoint>``; the η of P stay sampled (with ω fixed)."""
     import pymc as pm
     import pytensor.tensor as pt
 
@@ -226,6 +236,8 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
     obs = _observations(ds, endpoints, where)
     rows = np.unique(np.concatenate([o["rows"] for o in obs.values()]))
     per_subject = _check_individual(individual, model, priors, where)
+    pop = _check_population(population, model, priors, omega_scale, endpoints, per_subject,
+                            iiv, where)
     prior = {k: priors.get(k, _default_prior(model, k, prior_sd)) for k in model.parameters}
     prior.update({k: Prior("fixed", model.parameters[k].value) for k in per_subject})
     if per_subject:  # e.g. covariate exponents of PK parameters now fixed per subject
@@ -236,6 +248,7 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                                if k not in per_subject))
         prior.update({k: Prior("fixed", model.parameters[k].value) for k in model.parameters
                       if k not in per_subject and sp.Symbol(k, real=True) not in needed})
+    prior.update({k: Prior("fixed", v) for k, v in pop.theta.items()})  # PPP&D
     estimated = [k for k, p in prior.items() if p.dist != "fixed"]
     fixed = {k: p.center for k, p in prior.items() if p.dist == "fixed"}
     eta_names = [k for k, p in model.parameters.items()
@@ -291,9 +304,17 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
             scale = np.array([float((omega_scale or {}).get(
                 k, max(2.0 * math.sqrt(model.parameters[k].omega2), 0.2))) for k in eta_names])
             start = np.array([math.sqrt(model.parameters[k].omega2) for k in eta_names])
-            if iiv == "diagonal" or K == 1:
+            free = [j for j, k in enumerate(eta_names) if k not in pop.omega]
+            if (iiv == "diagonal" or K == 1) and len(free) == K:
                 om = pm.HalfNormal("omega", sigma=scale, dims="eta_param")
                 initial["omega"] = start
+            elif iiv == "diagonal" or K == 1:  # some ω fixed by ``population`` (PPP&D)
+                om = pt.as_tensor_variable(np.array([pop.omega.get(k, 0.0) for k in eta_names]))
+                if free:
+                    om_free = pm.HalfNormal("omega__free", sigma=scale[free], shape=len(free))
+                    initial["omega__free"] = start[free]
+                    om = pt.set_subtensor(om[free], om_free)
+                om = pm.Deterministic("omega", om, dims="eta_param")
             else:
                 chol, _, stds = pm.LKJCholeskyCov(
                     "omega_chol", n=K, eta=2.0, sd_dist=pm.HalfNormal.dist(scale, shape=K),
@@ -335,15 +356,21 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
             typical = float(np.median(np.abs(dvpos))) if len(dvpos) else 1.0
             names = []
             if ep.error in ("additive", "combined"):
-                a = pm.HalfNormal(f"sigma_add_{ep.label}",
-                                  sigma=ep.sigma_add or 0.5 * max(typical, 1e-12))
-                initial[f"sigma_add_{ep.label}"] = np.array(0.1 * max(typical, 1e-12))
-                names.append(f"sigma_add_{ep.label}")
+                nm = f"sigma_add_{ep.label}"
+                if nm in pop.sigma:  # fixed (PPP&D): a constant in the posterior
+                    a = pm.Deterministic(nm, pt.as_tensor_variable(pop.sigma[nm]))
+                else:
+                    a = pm.HalfNormal(nm, sigma=ep.sigma_add or 0.5 * max(typical, 1e-12))
+                    initial[nm] = np.array(0.1 * max(typical, 1e-12))
+                names.append(nm)
             if ep.error in ("proportional", "combined", "lognormal"):
-                nm = "sigma_log" if ep.error == "lognormal" else "sigma_prop"
-                b = pm.HalfNormal(f"{nm}_{ep.label}", sigma=ep.sigma_prop or 0.5)
-                initial[f"{nm}_{ep.label}"] = np.array(0.2)
-                names.append(f"{nm}_{ep.label}")
+                nm = f"{'sigma_log' if ep.error == 'lognormal' else 'sigma_prop'}_{ep.label}"
+                if nm in pop.sigma:
+                    b = pm.Deterministic(nm, pt.as_tensor_variable(pop.sigma[nm]))
+                else:
+                    b = pm.HalfNormal(nm, sigma=ep.sigma_prop or 0.5)
+                    initial[nm] = np.array(0.2)
+                names.append(nm)
             sigma_names[ep.label] = names
             name = f"obs_{ep.label}"
             pmm.add_coord(f"{name}_dim", np.arange(len(o["dv"])))
@@ -365,7 +392,7 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
             else:
                 cls(name, **kw, observed=dv, dims=f"{name}_dim")
     return _Built(pmm, pred, list(endpoints), estimated, eta_names, fixed, obs, initial,
-                  sigma_names)
+                  sigma_names, population=pop.names())
 
 
 # --------------------------------------------------------------------------- sampling
@@ -469,6 +496,145 @@ def read_individual(path: str | os.PathLike) -> pd.DataFrame:
     return pd.read_csv(p)
 
 
+_SIGMA_KINDS = {"additive": ("add",), "proportional": ("prop",), "combined": ("add", "prop"),
+                "lognormal": ("log",)}
+
+
+class PopulationValues(dict):
+    """Population parameter values (name → value) and where they come from (``source``, named
+    in error messages): what :func:`read_population` returns."""
+
+    def __init__(self, values: Mapping[str, float], source: str = "population"):
+        super().__init__(values)
+        self.source = source
+
+
+@dataclass(frozen=True)
+class _Population:
+    """Population parameters fixed by ``population`` (PPP&D), checked against a fit."""
+
+    theta: dict[str, float] = field(default_factory=dict)  # parameter → θ
+    omega: dict[str, float] = field(default_factory=dict)  # parameter → ω (SD of η)
+    sigma: dict[str, float] = field(default_factory=dict)  # sigma_<kind>_<label> → value
+
+    def names(self) -> dict[str, float]:
+        return {**self.theta, **{f"omega_{k}": v for k, v in self.omega.items()},
+                **self.sigma}
+
+
+def _check_population(values: Mapping[str, float] | None, model: Model,
+                      priors: Mapping[str, Prior], omega_scale: Mapping[str, float] | None,
+                      endpoints: Sequence[Endpoint], per_subject: Sequence[str], iiv: str,
+                      where: str) -> _Population:
+    """The population parameters ``values`` fixes, checked: θ of model parameters, ω of
+    parameters with IIV (``omega_P``), residual errors of the fit's endpoints
+    (``sigma_<add|prop|log>_<output>`` or ``..._<output>_<dvid>``: a label without DVID
+    applies to every endpoint of that output); none also fixed per subject, none with a
+    prior, finite numbers (ω and σ > 0)."""
+    if not values:
+        return _Population()
+    source = getattr(values, "source", "population")
+    src = f"{where}: population" if source == "population" else f"{where}: population {source}"
+    omega_scale = omega_scale or {}
+    out = _Population()
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(v):
+            raise FitSpecError(f"{src}: {name}: expected a finite number, got {v!r}")
+        v = float(v)
+        if name in model.parameters:
+            if name in per_subject:
+                raise FitSpecError(f"{src}: {name}: fixed per subject by the individual "
+                                   "parameters and by the population parameters (give it "
+                                   "to one of them)")
+            if name in priors:
+                raise FitSpecError(f"{where}: [priors] {name}: fixed by the population "
+                                   f"parameters ({source})")
+            out.theta[name] = v
+            continue
+        par = name[len("omega_"):] if name.startswith("omega_") else None
+        if par in model.parameters:
+            if model.parameters[par].omega2 <= 0:
+                raise FitSpecError(f"{src}: {name}: {par} has no IIV in {model.name}")
+            if par in per_subject:
+                raise FitSpecError(f"{src}: {name}: {par} is fixed per subject by the "
+                                   "individual parameters (no η)")
+            if par in omega_scale:
+                raise FitSpecError(f"{where}: [priors.omega] {par}: ω fixed by the population "
+                                   f"parameters ({source})")
+            if v <= 0:
+                raise FitSpecError(f"{src}: {name}: expected ω > 0, got {v:g} (remove the IIV "
+                                   f"with [priors.omega] {par} = 0)")
+            out.omega[par] = v
+            continue
+        kind = next((k for k in ("add", "prop", "log") if name.startswith(f"sigma_{k}_")),
+                    None)
+        if kind is None:
+            raise FitSpecError(f"{src}: {name!r} is not a parameter of {model.name} (nor "
+                               "omega_<parameter> or sigma_<add|prop|log>_<endpoint>)")
+        label = name[len(f"sigma_{kind}_"):]
+        output, dvid = label, None
+        if label not in model.outputs and "_" in label:
+            head, tail = label.rsplit("_", 1)
+            if head in model.outputs and tail.isdigit():
+                output, dvid = head, int(tail)
+        same = [(i, ep) for i, ep in enumerate(endpoints) if ep.output == output and (
+            dvid is None or ep.dvid is None or ep.dvid == dvid)]
+        if not same:
+            raise FitSpecError(f"{src}: {name}: no endpoint {label} in this fit (endpoints: "
+                               f"{', '.join(ep.label for ep in endpoints)})")
+        hit = [(i, ep) for i, ep in same if kind in _SIGMA_KINDS[ep.error]]
+        if not hit:
+            raise FitSpecError(f"{src}: {name}: endpoint {same[0][1].label} has a(n) "
+                               f"{same[0][1].error} residual error (no sigma_{kind})")
+        if v <= 0:
+            raise FitSpecError(f"{src}: {name}: expected a residual error > 0, got {v:g}")
+        for i, ep in hit:
+            if (ep.sigma_add if kind == "add" else ep.sigma_prop) is not None:
+                key = "sigma_add" if kind == "add" else "sigma_prop"
+                raise FitSpecError(f"{where}: endpoints[{i}].{key}: a prior on a residual "
+                                   f"error fixed by the population parameters ({name})")
+            out.sigma[f"sigma_{kind}_{ep.label}"] = v
+    n_eta = sum(1 for k, p in model.parameters.items() if p.omega2 > 0
+                and omega_scale.get(k) != 0 and k not in per_subject)
+    if out.omega and iiv == "block" and n_eta > 1:
+        raise FitSpecError(f"{src}: {', '.join('omega_' + k for k in out.omega)}: a fixed ω "
+                           "needs iiv = 'diagonal' (not a block Ω)")
+    return out
+
+
+def read_population(path: str | os.PathLike) -> PopulationValues:
+    """Population parameters for :func:`fit`'s ``population`` (PPP&D): from a fit folder
+    written by :meth:`FitResult.save`, the posterior medians of the parameters listed in its
+    ``summary.csv`` (θ, ``omega_<P>``, ``sigma_..._<endpoint>``), computed from its
+    ``posterior.nc`` (full precision; ``summary.csv``'s medians when it is absent); or a CSV
+    with columns ``parameter`` and ``median``."""
+    p = Path(path)
+    table_path = p / "summary.csv" if p.is_dir() else p
+    if not table_path.is_file():
+        raise FitSpecError(f"{path}: no population parameters (expected a fit folder with "
+                           "summary.csv and posterior.nc, or a CSV with columns parameter "
+                           "and median)")
+    try:
+        table = pd.read_csv(table_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise FitSpecError(f"{table_path}: not a readable CSV ({exc})") from None
+    for col in ("parameter", "median"):
+        if col not in table.columns:
+            raise FitSpecError(f"{table_path}: expected a column {col}")
+    values = dict(zip(table["parameter"].astype(str), table["median"], strict=True))
+    nc = p / "posterior.nc"
+    if p.is_dir() and nc.is_file():
+        import arviz as az
+
+        post = az.from_netcdf(str(nc)).posterior
+        for name in values:
+            if name not in post:
+                raise FitSpecError(f"{nc}: no draws of {name} (listed in {table_path.name})")
+            values[name] = float(np.median(post[name].values))
+    return PopulationValues(values, str(table_path))
+
+
 def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         endpoints: Sequence[Endpoint] | None = None, *,
         priors: Mapping[str, Prior] | None = None,
@@ -477,8 +643,8 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         tune: int = 1000,
         seed: int = 1, target_accept: float = 0.8, engine: str = "auto",
         cores: int | None = None, progress: bool = True, posterior_predictive: bool = True,
-        where: str = "fit", individual: pd.DataFrame | str | os.PathLike | None = None
-        ) -> FitResult:
+        where: str = "fit", individual: pd.DataFrame | str | os.PathLike | None = None,
+        population: Mapping[str, float] | str | os.PathLike | None = None) -> FitResult:
     """Fit a population model to a NONMEM data set; returns a :class:`FitResult`.
 
     ``endpoints`` default: the model's first output, proportional error, all observations.
@@ -486,6 +652,10 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
     every subject has rich data (then the non-centred form can diverge).
     ``individual``: parameters fixed per subject (IPP), a table (ID and parameter columns), a
     CSV of one, or a fit folder (its ``individual.csv``); see :func:`read_individual`.
+    ``population``: population parameters fixed (PPP&D), name → value (θ by parameter name,
+    ``omega_<P>``, ``sigma_<add|prop|log>_<endpoint>``) or a fit folder (its posterior
+    medians, :func:`read_population`); the η and the data of the earlier fit's endpoints stay
+    in the likelihood.
     """
     model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     ds = read_nonmem(data) if isinstance(data, (str, os.PathLike)) else (
@@ -496,8 +666,11 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
     started = time.perf_counter()
     if individual is not None and not isinstance(individual, pd.DataFrame):
         individual = read_individual(individual)
+    if population is not None and not isinstance(population, Mapping):
+        population = read_population(population)
     b = build(model, ds, endpoints, priors=priors, omega_scale=omega_scale, iiv=iiv,
-              prior_sd=prior_sd, centred=centred, where=where, individual=individual)
+              prior_sd=prior_sd, centred=centred, where=where, individual=individual,
+              population=population)
     sampler = _engine(b, sampler)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -537,6 +710,11 @@ class FitResult:
         v = self.idata.posterior[name].values
         return v.reshape(-1, *v.shape[2:])
 
+    def _n_draws(self) -> int:
+        """Posterior draws over all chains (also when no θ is estimated, e.g. PPP&D)."""
+        post = self.idata.posterior
+        return int(post.sizes["chain"] * post.sizes["draw"])
+
     def add_predictive(self) -> None:
         """Posterior predictive and pointwise log-likelihood into ``idata``."""
         import pymc as pm
@@ -549,7 +727,8 @@ class FitResult:
             pm.compute_log_likelihood(self.idata, progressbar=False)
 
     def diagnostics(self) -> dict:
-        """Max R-hat, min bulk/tail ESS, divergences, wall time (s), PSIS-LOO."""
+        """Max R-hat, min bulk/tail ESS, divergences, wall time (s), PSIS-LOO; the population
+        parameters fixed by ``population`` (``fixed_population``), if any."""
         import arviz as az
 
         names = self._summary_vars()
@@ -564,6 +743,8 @@ class FitResult:
                "chains": self.sampler.chains, "draws": self.sampler.draws,
                "tune": self.sampler.tune, "engine": self.sampler.engine,
                "wall_time_s": round(self.wall_time, 2), "warnings": list(self.warnings)}
+        if self.built.population:  # PPP&D: what was fixed, not estimated
+            out["fixed_population"] = dict(self.built.population)
         if "log_likelihood" in self.idata.groups():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -598,10 +779,11 @@ class FitResult:
         return msgs
 
     def _summary_vars(self) -> list[str]:
+        """Estimated population parameters (not those fixed by ``population``)."""
         names = list(self.built.estimated) + [f"omega_{k}" for k in self.built.iiv]
         for v in self.built.sigma_names.values():
             names += v
-        return names
+        return [k for k in names if k not in self.built.population]
 
     def summary(self) -> pd.DataFrame:
         """Per parameter: median, 95 % CrI, posterior CV %, IIV CV %, η-shrinkage %, R-hat,
@@ -664,7 +846,7 @@ class FitResult:
         """Each subject's individual parameters (covariates, θ and η of each draw), posterior
         median over up to ``max_draws`` evenly spaced draws: ID and one column per model
         parameter (NONMEM's patab; the input of an IPP fit, ``fit(individual=...)``)."""
-        total = len(self._draws(self.built.estimated[0])) if self.built.estimated else 1
+        total = self._n_draws()
         take = np.unique(np.linspace(0, total - 1, min(max_draws, total)).astype(int))
         eta = self._draws("eta") if self.built.iiv else None
         stack = [self._individual(self._theta_draw(int(i)),
@@ -685,7 +867,7 @@ class FitResult:
             return self._sims
         rng = np.random.default_rng(self.sampler.seed + 7)
         b = self.built
-        n_draws = self._draws(b.estimated[0]).shape[0] if b.estimated else 1
+        n_draws = self._n_draws()
         S = b.predictor.n_subjects
         K = len(b.iiv)
         sims = {ep.label: [] for ep in b.endpoints}
@@ -731,7 +913,7 @@ class FitResult:
         med = {k: float(np.median(self._draws(k))) for k in b.estimated}
         theta = {**b.fixed, **med}
         pred = self._predict(self._individual(theta, None))
-        n_draws = self._draws(b.estimated[0]).shape[0] if b.estimated else 1
+        n_draws = self._n_draws()
         idx = np.unique(np.linspace(0, n_draws - 1, min(n_ipred, n_draws)).astype(int))
         ip = {ep.output: [] for ep in b.endpoints}
         eta_d = self._draws("eta") if b.iiv else None
@@ -892,10 +1074,11 @@ class FitSpec:
     output: Path
     text: str
     individual: pd.DataFrame | None = None
+    population: PopulationValues | None = None
 
 
 _SPEC_KEYS = {"fit": {"name", "model", "data", "iiv", "prior_sd", "output",
-                     "parameterization", "individual"},
+                     "parameterization", "individual", "population"},
               "endpoints": {"output", "error", "dvid", "sigma_add", "sigma_prop"},
               "sampler": {"chains", "draws", "tune", "seed", "target_accept", "engine",
                           "cores", "progress"},
@@ -914,6 +1097,9 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         parameterization = "noncentred"   # or "centred" (rich individual data)
         individual = "selinexor_poppk"    # optional (IPP): parameters fixed per subject, a
                                           # fit folder (its individual.csv) or a CSV
+        population = "selinexor_poppk"    # optional (PPP&D): θ, ω and residual errors fixed
+                                          # at a fit folder's posterior medians (its η and
+                                          # data stay in the fit; see read_population)
         [[endpoints]]                     # one table per endpoint
         output = "CP"                     # a model output
         error = "proportional"            # additive | proportional | combined | lognormal
@@ -1041,8 +1227,19 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         except FitSpecError as e:
             raise FitSpecError(f"{where}: [fit] individual: {e}") from None
         _check_individual(individual, model, priors, f"{where}: [fit] individual")
+    population = None
+    if "population" in f:
+        if not isinstance(f["population"], str) or not f["population"]:
+            raise FitSpecError(f"{where}: [fit] population: expected a string (a fit folder)")
+        try:
+            population = read_population(base / f["population"])
+        except FitSpecError as e:
+            raise FitSpecError(f"{where}: [fit] population: {e}") from None
+        _check_population(population, model, priors, omega_scale, endpoints,
+                          _check_individual(individual, model, priors, where), iiv, where)
     return FitSpec(path, f["name"], model, data, endpoints, priors, omega_scale, iiv,
-                   float(prior_sd), param == "centred", sampler, out, text, individual)
+                   float(prior_sd), param == "centred", sampler, out, text, individual,
+                   population)
 
 
 def _parse_prior(where: str, k: str, v: object, model: Model) -> Prior:
@@ -1077,7 +1274,8 @@ def fit_spec(spec: FitSpec | str | os.PathLike, *, progress: bool = True,
               omega_scale=spec.omega_scale, iiv=spec.iiv, prior_sd=spec.prior_sd,
               centred=spec.centred, chains=s.chains, draws=s.draws, tune=s.tune, seed=s.seed,
               target_accept=s.target_accept, engine=s.engine, cores=s.cores,
-              progress=s.progress, where=str(spec.path), individual=spec.individual)
+              progress=s.progress, where=str(spec.path), individual=spec.individual,
+              population=spec.population)
     if write:
         res.save(spec.output, spec_text=spec.text)
     return res
