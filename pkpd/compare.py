@@ -147,7 +147,8 @@ def prior_draws(model: Model, draws: int, seed: int,
 
 def posterior_draws(fit_dir: str | os.PathLike, model: Model, draws: int) -> pd.DataFrame:
     """``draws`` evenly spaced draws (chains × draws flattened) of the posterior variables of
-    ``fit_dir/posterior.nc`` whose names are parameters of ``model`` (typical values)."""
+    ``fit_dir/posterior.nc`` whose names are parameters of ``model`` (typical values) or
+    ``omega_<parameter>`` (SD of its IIV: between-patient variability as estimated)."""
     folder = Path(fit_dir)
     path = folder / "posterior.nc"
     if not folder.is_dir():
@@ -161,8 +162,8 @@ def posterior_draws(fit_dir: str | os.PathLike, model: Model, draws: int) -> pd.
         post = idata.posterior
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
         raise CompareError(f"--fit {fit_dir}: cannot read posterior.nc ({exc})") from None
-    names = [k for k in post.data_vars if k in model.parameters
-             and post[k].ndim == 2]  # (chain, draw): a typical value
+    names = [k for k in post.data_vars if k.removeprefix("omega_") in model.parameters
+             and post[k].ndim == 2]  # (chain, draw): a typical value or an IIV SD (ω)
     if not names:
         raise CompareError(f"--fit {fit_dir}: the posterior has no variable named like a "
                            f"parameter of {model.name}")
@@ -507,7 +508,8 @@ def compare(regimens: Sequence[str], *,
             if rest:
                 theta = theta.join(prior_draws(m, draws, seed, rest).drop(columns="DRAW"))
                 src_label += "; other assumptions from their prior ranges"
-    unknown = [k for k in theta.columns if k != "DRAW" and k not in m.parameters]
+    unknown = [k for k in theta.columns if k != "DRAW"
+               and k.removeprefix("omega_") not in m.parameters]
     if unknown:
         raise CompareError(f"{m.name}: unknown parameter(s) {', '.join(unknown)}")
     pnames = [k for k in theta.columns if k != "DRAW"]

@@ -83,7 +83,9 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
     across regimens, the same patients and random event times: common random numbers).
 
     ``theta`` overrides typical values, one value or one per patient (e.g. parameter draws of
-    a posterior or of the model files' assumption ranges, each shared by a block of patients).
+    a posterior or of the model files' assumption ranges, each shared by a block of patients);
+    ``omega_<P>`` in it sets the SD of P's log-normal IIV (a fit's ω), rescaling the same
+    standard-normal draws.
 
     ``engine``: "periodic" (default) steps each week with per-patient maps of each dose level
     (:mod:`pkpd.solvers.periodic`, ≈ 10× faster, within 1 % of the reference), falling back to
@@ -117,10 +119,17 @@ def _run(regimen, risk, n, years, seed, population, model, theta, progress, engi
             for k, c in m.covariates.items()}
     eta = sample_etas(m, n, np.random.default_rng(int(rng.integers(2**31))))
     if theta is not None:
-        unknown = sorted(set(theta) - set(m.parameters))
+        unknown = sorted(k for k in theta if k.removeprefix("omega_") not in m.parameters)
         if unknown:
             raise ValueError(f"{m.name}: unknown parameter(s) {', '.join(unknown)}")
         theta = {k: np.broadcast_to(np.asarray(v, dtype=float), (n,)) for k, v in theta.items()}
+        omega = {k.removeprefix("omega_"): theta.pop(k) for k in list(theta)
+                 if k.startswith("omega_")}
+        for k, sd in sorted(omega.items()):  # the same standard-normal draws, rescaled
+            w2 = m.parameters[k].omega2
+            z = (eta[k] / np.sqrt(w2) if w2 > 0 else np.random.default_rng(
+                [seed, sorted(m.parameters).index(k)]).standard_normal(n))
+            eta[k] = sd * z
     ind = individual_parameters(m, covs, theta=theta, eta=eta).params
 
     n_weeks = int(round(years * 52))

@@ -15,6 +15,7 @@ import pytest
 from pkpd.cli import main
 from pkpd.compare import CompareError, compare, prior_draws, prior_ranges, standard_regimen
 from pkpd.model import load_model
+from pkpd.trial import run_trial
 
 REGIMENS = ["40 mg QW", "100 mg QW"]
 # Designed truths (every draw the same values; the spread is between patients).
@@ -84,6 +85,7 @@ def _posterior(folder: Path, chains: int = 2, draws: int = 5) -> Path:
     folder.mkdir()
     rng = np.random.default_rng(0)
     idata = az.from_dict(posterior={"KKILL": rng.uniform(1e-4, 1e-3, (chains, draws)),
+                                    "omega_KKILL": rng.uniform(0.1, 0.5, (chains, draws)),
                                     "omega": rng.uniform(0.1, 0.5, (chains, draws))})
     idata.to_netcdf(str(folder / "posterior.nc"))
     return folder
@@ -93,7 +95,8 @@ def test_fit_source_uses_posterior_variables_named_like_parameters(tmp_path):
     fit = _posterior(tmp_path / "fit")
     c = compare(["40 mg QW"], source=fit, n=4, draws=3, years=0.25, seed=1,
                 sensitivity=False, prior_rest=False)
-    assert list(c.theta.columns) == ["DRAW", "KKILL"]  # "omega" is no model parameter
+    # "omega" is no model parameter; omega_KKILL is the SD of KKILL's IIV
+    assert list(c.theta.columns) == ["DRAW", "KKILL", "omega_KKILL"]
     import arviz as az
 
     post = az.from_netcdf(str(fit / "posterior.nc")).posterior["KKILL"].values.reshape(-1)
@@ -102,12 +105,31 @@ def test_fit_source_uses_posterior_variables_named_like_parameters(tmp_path):
     m = load_model("selinexor_smm")
     both = compare(["40 mg QW"], source=fit, n=2, draws=3, years=0.1, seed=1,
                    sensitivity=False)
-    assert set(both.theta.columns) == {"DRAW", *prior_ranges(m)}
+    assert set(both.theta.columns) == {"DRAW", "omega_KKILL", *prior_ranges(m)}
     assert np.allclose(both.theta["KKILL"], post[[0, 4, 9]])
     rest = prior_draws(m, 3, 1, {k: v for k, v in prior_ranges(m).items() if k != "KKILL"})
     assert np.allclose(both.theta["KI"], rest["KI"])
     with pytest.raises(CompareError, match="exceeds the 10 posterior draws"):
         compare(["40 mg QW"], source=fit, n=4, draws=11, sensitivity=False)
+
+
+def test_posterior_iiv_sets_the_between_patient_spread():
+    """omega_<P> in theta is the SD of P's IIV: the model file's own ω reproduces the default
+    run exactly (same standard-normal draws), ω = 0 makes every patient's P typical, and a
+    larger ω widens the spread of the 1-year M-spike change."""
+    m = load_model("selinexor_smm")
+    w = float(np.sqrt(m.parameters["KKILL"].omega2))
+    kw = dict(n=200, years=1.0, seed=3)
+    base = run_trial("100 mg QW", **kw).patients
+    same = run_trial("100 mg QW", theta={"omega_KKILL": w}, **kw).patients
+    pd.testing.assert_frame_equal(base, same)
+    spread = {}
+    for sd in (0.0, w, 2 * w):
+        ch = run_trial("100 mg QW", theta={"omega_KKILL": sd}, **kw).patients["MSPIKE_CHANGE_1Y"]
+        spread[sd] = float(ch.quantile(0.9) - ch.quantile(0.1))
+    assert spread[0.0] < spread[w] < spread[2 * w]
+    with pytest.raises(ValueError, match="unknown parameter"):
+        run_trial("100 mg QW", theta={"omega_NOPE": 0.1}, n=2, years=0.1)
 
 
 def test_dask_equals_serial(tmp_path):
