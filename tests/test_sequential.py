@@ -103,3 +103,36 @@ def test_joint_smm_spec_builds_a_finite_differentiable_density():
     np.testing.assert_allclose(vals["MSPIKE"], sim["MSPIKE"].to_numpy()[pred.rows], rtol=1e-3)
     np.testing.assert_allclose(vals["CP"], sim["CP"].to_numpy()[pred.rows], rtol=1e-3,
                                atol=1e-3)
+
+
+def test_pppd_spec_fixes_the_population_pk_and_keeps_the_pk_data(tmp_path):
+    """fits/selinexor_smm_pppd.toml (step 2, PPP&D): with step 1 standing in as a CSV of the
+    simulation's PK values, θ, ω and σ of the PK are fixed at them, the CP records stay in the
+    likelihood and the PK η still vary (the density of this model and data is checked by the
+    joint spec's test above)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from pkpd.fitting import load_spec
+
+    fits = Path(__file__).resolve().parent.parent / "fits"
+    truth = json.loads((fits / "data" / "selinexor_smm_joint_truth.json").read_text())
+    rows = [(k, v) for k, v in truth["theta"].items() if k in ("CL", "V2", "Q", "V3", "KA",
+                                                                 "SEX_CL")]
+    rows += [(f"omega_{k}", v) for k, v in truth["omega_sd"].items() if k in ("CL", "V2", "KA")]
+    rows.append(("sigma_prop_CP", truth["sigma_prop_CP_1"]))
+    (tmp_path / "data").mkdir()
+    shutil.copy(fits / "data" / "selinexor_smm_joint.csv", tmp_path / "data")
+    pd.DataFrame(rows, columns=["parameter", "median"]).to_csv(
+        tmp_path / "selinexor_smm_pk", index=False)
+    shutil.copy(fits / "selinexor_smm_pppd.toml", tmp_path)
+    spec = load_spec(tmp_path / "selinexor_smm_pppd.toml")
+    assert spec.population["CL"] == 16.0 and spec.population["sigma_prop_CP"] == rows[-1][1]
+    assert [e.output for e in spec.endpoints] == ["CP", "MSPIKE"]
+    b = build(spec.model, spec.data, spec.endpoints, priors=spec.priors,
+              omega_scale=spec.omega_scale, iiv=spec.iiv, population=spec.population)
+    names = " ".join(v.name for v in b.pm_model.free_RVs)  # e.g. logit_KKILL, z
+    assert all(k not in names for k in ("CL", "V2", "KA", "sigma_prop_CP"))
+    assert all(k in names for k in ("KKILL", "FRES", "sigma_prop_MSPIKE"))
+    assert set(b.predictor.vary) >= {"CL", "V2", "KA", "KKILL"}  # PK η re-estimated
