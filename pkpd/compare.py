@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from .model import Model, load_model
+from .parallel import run_tasks
 from .regimen import Regimen
 from .trial import WEEK, dose_ladder, run_trial
 
@@ -309,52 +310,12 @@ def _execute(blocks: list[_Block], scheduler: Any,
              progress: Callable[[int, int], None] | None) -> list[dict[str, Any]]:
     """Run blocks serially (scheduler None or "serial") or on Dask ("local": a 2-worker
     local cluster; an address; or a ``distributed.Client``). Results in block order."""
-    total = len(blocks)
-    if scheduler is None or scheduler == "serial":
-        out = []
-        for i, b in enumerate(blocks):
-            out.append(_run_block(b))
-            if progress:
-                progress(i + 1, total)
-        return out
-    from distributed import Client, LocalCluster, as_completed
-
-    own_cluster = own_client = None
-    if isinstance(scheduler, Client):
-        client = scheduler
-    else:
-        if scheduler == "local":
-            try:
-                own_cluster = LocalCluster(n_workers=min(2, os.cpu_count() or 1),
-                                           threads_per_worker=1, processes=True,
-                                           dashboard_address=":0")
-            except Exception as exc:  # noqa: BLE001 - reported as one line
-                raise CompareError(f"cannot start a local Dask cluster ({exc}); use "
-                                   "--scheduler serial") from None
-            client = own_client = Client(own_cluster)
-        else:
-            try:
-                client = own_client = Client(scheduler, timeout="10s")
-            except (OSError, TimeoutError, ValueError) as exc:
-                raise CompareError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
-    try:
-        if own_cluster is not None:  # one numba thread per worker: no oversubscription
-            n_workers = len(own_cluster.workers)
-            blocks = [dataclasses.replace(b, threads=max(1, (os.cpu_count() or 1) // n_workers))
-                      for b in blocks]
-        futures = client.map(_run_block, blocks, pure=False)
-        results: dict[int, dict[str, Any]] = {}
-        for done, fut in enumerate(as_completed(futures), start=1):
-            r = fut.result()
-            results[r["index"]] = r
-            if progress:
-                progress(done, total)
-        return [results[b.index] for b in blocks]
-    finally:
-        if own_client is not None:
-            own_client.close()
-        if own_cluster is not None:
-            own_cluster.close()
+    workers = min(2, os.cpu_count() or 1)
+    if scheduler == "local":  # one numba thread per worker: no oversubscription
+        blocks = [dataclasses.replace(b, threads=max(1, (os.cpu_count() or 1) // workers))
+                  for b in blocks]
+    return run_tasks(_run_block, blocks, scheduler, workers=workers, progress=progress,
+                     error=CompareError)
 
 
 # -- summaries ---------------------------------------------------------------------------------

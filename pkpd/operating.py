@@ -51,6 +51,7 @@ import pandas as pd
 from .compare import _block_seed
 from .fitting import Endpoint, FitSpecError, Prior, Sampler
 from .model import Model, ModelError, load_model
+from .parallel import run_tasks
 from .regimen import Regimen, RegimenError
 
 __all__ = ["Design", "OperatingError", "operating_characteristics", "parse_decision", "parse_times",
@@ -409,53 +410,6 @@ def _fit_replicate(task: _Task) -> dict[str, Any]:
 
 # -- execution: serial or Dask ------------------------------------------------------------------
 
-def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], scheduler: Any = "local", *,
-              workers: int = 2, progress: Callable[[int, int], None] | None = None,
-              error: type[Exception] = OperatingError) -> list[Any]:
-    """``[fn(t) for t in tasks]``, serially (``scheduler`` None or "serial") or on Dask:
-    "local" (a local cluster of ``workers`` single-threaded worker processes, closed
-    afterwards), a scheduler address, or a ``distributed.Client``. Results in task order;
-    ``progress(done, total)`` after each task. A cluster that cannot be started or reached
-    raises ``error`` with a one-line message."""
-    total = len(tasks)
-    if scheduler is None or scheduler == "serial":
-        out = []
-        for i, t in enumerate(tasks):
-            out.append(fn(t))
-            if progress:
-                progress(i + 1, total)
-        return out
-    from distributed import Client, LocalCluster, as_completed
-
-    own_cluster = own_client = None
-    if isinstance(scheduler, Client):
-        client = scheduler
-    elif scheduler == "local":
-        try:
-            own_cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=":0")
-        except Exception as exc:  # noqa: BLE001 - reported as one line
-            raise error(f"cannot start a local Dask cluster ({exc}); use --scheduler "
-                        "serial") from None
-        client = own_client = Client(own_cluster)
-    else:
-        try:
-            client = own_client = Client(scheduler, timeout="10s")
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise error(f"--scheduler {scheduler}: cannot connect ({exc})") from None
-    try:
-        futures = client.map(fn, list(tasks), pure=False)
-        for done, _ in enumerate(as_completed(futures), start=1):
-            if progress:
-                progress(done, total)
-        return client.gather(futures)
-    finally:
-        if own_client is not None:
-            own_client.close()
-        if own_cluster is not None:
-            own_cluster.close()
-
-
 # -- the run ------------------------------------------------------------------------------------
 
 def operating_characteristics(design: Design | None = None, *, replicates: int = 20,
@@ -503,7 +457,8 @@ def operating_characteristics(design: Design | None = None, *, replicates: int =
     tasks = [_Task(design, r, seed, sampler, float(level), dec, float(decision_prob),
                    float(rhat_max), float(ess_min)) for r in range(replicates)]
     started = time.perf_counter()
-    results = run_tasks(_fit_replicate, tasks, scheduler, workers=workers, progress=progress)
+    results = run_tasks(_fit_replicate, tasks, scheduler, workers=workers, progress=progress,
+                        error=OperatingError)
     table = pd.DataFrame([row for res in results for row in res["rows"]])
     table.attrs.update({
         "design": design, "replicates": replicates, "seed": seed, "level": level,
