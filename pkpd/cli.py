@@ -177,12 +177,12 @@ def _parser() -> argparse.ArgumentParser:
                        "trial, fit, compare 40/60/100 mg QW, write the report")
     d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     d.add_argument("--n", type=int, default=30, help="patients in the simulated data set")
-    d.add_argument("--draws", type=int, default=40, help="parameter draws in the comparison")
+    d.add_argument("--draws", type=int, default=100, help="parameter draws in the comparison")
     d.add_argument("--patients", type=int, default=100,
                    help="virtual patients per draw and regimen")
-    d.add_argument("--fit-draws", type=int, default=400,
+    d.add_argument("--fit-draws", type=int, default=800,
                    help="draws (and tuning steps) per chain of the PK fit, 2 chains")
-    d.add_argument("--pd-draws", type=int, default=150,
+    d.add_argument("--pd-draws", type=int, default=300,
                    help="draws (and tuning steps) per chain of the M-spike fit, 2 chains")
     d.add_argument("--seed", type=int, default=1)
     d.set_defaults(run=_demo)

@@ -71,8 +71,8 @@ def demo_dataset(n: int = 30, seed: int = 1, weeks: int = 12) -> pd.DataFrame:
     return df[order]
 
 
-def run_demo(out: str | Path = "out/demo", *, n: int = 30, draws: int = 40,
-             patients: int = 100, fit_draws: int = 400, pd_draws: int = 150, seed: int = 1,
+def run_demo(out: str | Path = "out/demo", *, n: int = 30, draws: int = 100,
+             patients: int = 100, fit_draws: int = 800, pd_draws: int = 300, seed: int = 1,
              log: Callable[[str], None] | None = None) -> Path:
     """Run the demo into ``out`` (data/, fit_pk/, fit_pd/, report/); returns the report's
     path."""

@@ -33,7 +33,8 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from ..events import BOLUS, RATE, RESET, STEADY, EventTable
 
-__all__ = ["Unsupported", "compiled_rhs", "integrate_events", "kernel_source", "load_kernel"]
+__all__ = ["Unsupported", "assignments", "compiled_rhs", "integrate_events", "kernel_source",
+           "load_kernel"]
 
 
 class Unsupported(ValueError):
@@ -337,6 +338,20 @@ def _source(model) -> str:
                                                             *model.covariates)])
 
 
+def assignments(exprs, names: dict, line, printer: PythonCodePrinter | None = None) -> list[str]:
+    """Body lines of a generated numba function: the common subexpressions of ``exprs``
+    (sympy), then ``line(i, code of exprs[i])`` for each; ``names`` maps symbols to code."""
+    temps, reduced = sp.cse(list(exprs), symbols=sp.numbered_symbols("_c"))
+    printer = printer or _Printer({"fully_qualified_modules": True})
+    names = dict(names)
+    printer._names = names
+    lines = []
+    for sym, e in temps:
+        lines.append(f"    {sym} = {printer.doprint(e)}")
+        names[sym] = str(sym)
+    return lines + [f"    {line(i, printer.doprint(e))}" for i, e in enumerate(reduced)]
+
+
 def kernel_source(exprs, states, args) -> str:
     """Source of a kernel module for dx/dt = exprs(states, args, t) (sympy expressions)."""
     names: dict[sp.Symbol, str] = {}
@@ -345,15 +360,7 @@ def kernel_source(exprs, states, args) -> str:
     for i, a in enumerate(args):
         names[a] = f"p[{i}]"
     names[sp.Symbol("t", real=True)] = "t"
-    temps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_c"))
-    printer = _Printer({"fully_qualified_modules": True})
-    printer._names = names
-    lines = []
-    for sym, e in temps:
-        lines.append(f"    {sym} = {printer.doprint(e)}")
-        names[sym] = str(sym)
-    for i, e in enumerate(reduced):
-        lines.append(f"    dx[{i}] = {printer.doprint(e)} + r[{i}]")
+    lines = assignments(exprs, names, lambda i, e: f"dx[{i}] = {e} + r[{i}]")
     body = "\n".join(lines) if lines else "    pass"
     return _KERNEL.replace("{body}", body).replace("{RESET}", str(RESET)).replace(
         "{BOLUS}", str(BOLUS)).replace("{RATE}", str(RATE))

@@ -100,19 +100,17 @@ def split(model: Model) -> Split:
             return e
         return e.func(*[cut(a) for a in e.args])
 
-    rates = []
-    linear_in = [*drivers.values()]
-    for i in slow:
-        r = cut(f[i])
-        rates.append(r)
+    rates = [cut(f[i]) for i in slow]
     dsyms = list(drivers.values())
+    label = {d: f"the PK term {e}" for e, d in drivers.items()}
     linear_in = dsyms + [xs[i] for i in driven]
     for i, r in zip(slow, rates, strict=True):
         for u in linear_in:
             du = sp.diff(r, u)
             if any(sp.diff(du, v) != 0 for v in linear_in):
                 raise Unsupported(f"{model.name}: the rate of {model.states[i]} is not linear "
-                                  f"in {u} (a driven state or a PK-only term)")
+                                  f"in {label.get(u, u)} (jointly with the other PK-driven "
+                                  "terms and states)")
     return Split(pk, tuple(driven), tuple(slow), tuple(drivers), tuple(dsyms), tuple(rates))
 
 
@@ -261,7 +259,7 @@ def advance(p, xd, xs, maps, dbar, widths, const, ex, ph1, ph2, out):
 def _kernel_source(model: Model, s: Split) -> tuple[str, list[bool]]:
     """Numba source of the slow states' a and b (dx/dt = a·x + b) and the stepping loop;
     and which a are constant (parameters only)."""
-    from .compiled import _Printer
+    from .compiled import _Printer, assignments
 
     xs = model.state_symbols
     args = [sp.Symbol(k, real=True) for k in (*model.parameters, *model.covariates)]
@@ -278,22 +276,17 @@ def _kernel_source(model: Model, s: Split) -> tuple[str, list[bool]]:
         a_sl.append(a)
         b_sl.append(sp.expand(r - a * xs[i]) if a != 0 else r)
         const.append(not (a.free_symbols & variable))
-    temps, reduced = sp.cse([*a_sl, *b_sl], symbols=sp.numbered_symbols("_c"))
+
     class _Pow(_Printer):
         def _print_Pow(self, expr, rational=False):  # noqa: N802 (sympy's printer API)
             if expr.exp.is_Symbol:
                 return f"_pow({self._print(expr.base)}, {self._print(expr.exp)})"
             return super()._print_Pow(expr, rational=rational)
 
-    printer = _Pow({"fully_qualified_modules": True})
-    printer._names = names
-    lines = []
-    for sym, e in temps:
-        lines.append(f"    {sym} = {printer.doprint(e)}")
-        names[sym] = str(sym)
     m = len(a_sl)
-    for q, e in enumerate(reduced):
-        lines.append(f"    {'a' if q < m else 'b'}[{q % m}] = {printer.doprint(e)}")
+    lines = assignments([*a_sl, *b_sl], names,
+                        lambda q, e: f"{'a' if q < m else 'b'}[{q % m}] = {e}",
+                        _Pow({"fully_qualified_modules": True}))
     # driven: dx/dt = a(PK)·x + c(PK); and the drivers, functions of the PK amounts y
     a_dr, c_dr = [], []
     for i in s.driven:
@@ -303,17 +296,11 @@ def _kernel_source(model: Model, s: Split) -> tuple[str, list[bool]]:
         c_dr.append(sp.expand(e - a * xs[i]))
     names = {a: f"p[{i}]" for i, a in enumerate(args)}
     names.update({xs[i]: f"y[{q}]" for q, i in enumerate(s.pk)})
-    printer._names = names
-    temps, reduced = sp.cse([*a_dr, *c_dr, *s.drivers], symbols=sp.numbered_symbols("_c"))
-    driven = []
-    for sym, e in temps:
-        driven.append(f"    {sym} = {printer.doprint(e)}")
-        names[sym] = str(sym)
     nd = len(a_dr)
-    for q, e in enumerate(reduced):
-        target = "a" if q < nd else "c" if q < 2 * nd else "d"
-        driven.append(f"    {target}[{q if q < nd else q - nd if q < 2 * nd else q - 2 * nd}]"
-                      f" = {printer.doprint(e)}")
+    driven = assignments([*a_dr, *c_dr, *s.drivers], names,
+                         lambda q, e: (f"a[{q}]" if q < nd else f"c[{q - nd}]" if q < 2 * nd
+                                       else f"d[{q - 2 * nd}]") + f" = {e}",
+                         _Pow({"fully_qualified_modules": True}))
     src = _KERNEL.replace("{body}", "\n".join(lines) or "    pass")
     return src.replace("{driven_body}", "\n".join(driven) or "    pass"), const
 
