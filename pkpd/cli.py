@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=1)
     t.add_argument("--population", default="smm", choices=["smm", "rrmm"],
                    help="platelet baseline: smoldering (normal) or relapsed/refractory MM")
+    t.add_argument("--engine", default="periodic", choices=["periodic", "ode"],
+                   help="periodic: weekly maps per dose level (default, fast); ode: the "
+                   "error-controlled Dormand-Prince reference")
     t.add_argument("--out", required=True, help="output directory")
     t.set_defaults(run=_trial)
 
@@ -365,7 +368,7 @@ def _trial(args: argparse.Namespace) -> int:
                   file=sys.stderr)
 
     res = run_trial(args.regimen, risk=args.risk, n=args.n, years=args.years, seed=args.seed,
-                    population=args.population, progress=progress)
+                    population=args.population, progress=progress, engine=args.engine)
     tmp = Path(tempfile.mkdtemp(prefix=".pkpd-trial-", dir=parent))
     try:
         res.patients.to_csv(tmp / "patients.csv", index=False)

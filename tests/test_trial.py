@@ -69,6 +69,13 @@ def test_cli_same_seed_identical_files(tmp_path, capsys):
         "platelets_bands.png"}
     summary = pd.read_csv(outs[0] / "summary.csv")
     assert {"RISK", "ENDPOINT", "N", "ESTIMATE", "LOWER", "UPPER"} == set(summary.columns)
+    # the reference engine: the same patients, M-spike change within 1e-4
+    ode = tmp_path / "ode"
+    assert main(["trial", "--regimen", "40 mg QW", "--risk", "intermediate,high", "--n", "10",
+                 "--years", "0.1", "--seed", "1", "--engine", "ode", "--out", str(ode)]) == 0
+    a, b = (pd.read_csv(o / "patients.csv") for o in (outs[0], ode))
+    assert (a["ID"] == b["ID"]).all()
+    np.testing.assert_allclose(a["MSPIKE_CHANGE_1Y"], b["MSPIKE_CHANGE_1Y"], atol=1e-4)
     capsys.readouterr()
 
 
