@@ -14,6 +14,7 @@ mg QW → stop. Decisions use the daily platelet counts of the week just simulat
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -88,9 +89,9 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
     standard-normal draws.
 
     ``engine``: "periodic" (default) steps each week with per-patient maps of each dose level
-    (:mod:`pkpd.solvers.periodic`, ≈ 10× faster, within 1 % of the reference), falling back to
-    "ode" (the error-controlled compiled solver, rtol 1e-4) when the model does not have that
-    structure.
+    (:mod:`pkpd.solvers.periodic`: 7-8× faster; states within 0.5 % of the reference, platelets
+    at grade 4 counts within 4 %), falling back, with a warning, to "ode" (the error-controlled
+    compiled solver, rtol 1e-4) when the model does not have that structure.
     """
     if engine not in ("periodic", "ode"):
         raise ValueError(f"engine must be 'periodic' or 'ode', got {engine!r}")
@@ -98,8 +99,9 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
         try:
             return _run(regimen, risk, n, years, seed, population, model, theta, progress,
                         "periodic")
-        except Unsupported:  # e.g. a dose not eliminated within the week: the reference
-            pass
+        except Unsupported as exc:  # e.g. a dose not eliminated within the week
+            warnings.warn(f"run_trial: the periodic engine does not apply ({exc}); using the "
+                          "ode engine", stacklevel=2)
     return _run(regimen, risk, n, years, seed, population, model, theta, progress, "ode")
 
 
