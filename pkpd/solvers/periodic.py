@@ -19,8 +19,10 @@ means of the drivers are computed per subject on a fine grid (0.1 h after each d
 later) and kept until that subject's pair of patterns changes. Each step of the simulation
 is then a few arithmetic operations per state: the driven states by their maps, the slow
 states by one exponential Heun step (ETD2: exact for each state's own linear rate, the rest
-linear in time) with the driven states and drivers at their step means, which is exact for
-rates linear in them when the slow states change little within a step.
+linear in time) with the driven states and drivers at their step means. Since the slow rates
+are linear in those, the step means carry their whole effect over the step up to the
+covariance of the fast drive with the slow states within the step (second order in its
+length; the step ends after each dose are refined for that).
 
 Assumed, and checked: what is left of a period's doses two periods later is negligible
 (below ``carry_tol`` of them). Accuracy against the error-controlled reference
