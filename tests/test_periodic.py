@@ -122,16 +122,20 @@ CP = { expr = "CENTRAL/V", unit = "mg/L" }
         PeriodicSolver(ok, par, {}, [Pattern((0.0, 1.0), (10.0,))])
 
 
-def test_trial_engines_agree():
+@pytest.mark.parametrize("regimen", ["100 mg QW", "80 mg BIW"])
+def test_trial_engines_agree(regimen):
     """Same seed, same patients and event draws: the periodic engine reproduces the reference
     engine's endpoints (rates to within 1 of 300 patients whose dose decision sits on a
-    platelet threshold; medians to 0.005)."""
-    a = run_trial("100 mg QW", n=300, years=1.0, seed=7, engine="ode")
-    b = run_trial("100 mg QW", n=300, years=1.0, seed=7, engine="periodic")
+    platelet threshold; medians to 0.005), also for the BIW ladder (80 mg BIW → 100 mg QW →
+    80 → 60 mg QW), whose dose pattern changes within the course."""
+    a = run_trial(regimen, n=300, years=1.0, seed=7, engine="ode")
+    b = run_trial(regimen, n=300, years=1.0, seed=7, engine="periodic")
     sa, sb = (x.summary.set_index(["RISK", "ENDPOINT"])["ESTIMATE"] for x in (a, b))
     diff = (sa - sb).abs()
     rates = [k for k in diff.index if not k[1].endswith("_MEDIAN") and "KM" not in k[1]]
     assert diff[rates].max() <= 1 / 300 + 1e-12, diff[rates].idxmax()
     medians = [k for k in diff.index if k[1].endswith("_MEDIAN")]
     assert diff[medians].max() < 5e-3, diff[medians].idxmax()
-    np.testing.assert_allclose(b.mspike, a.mspike, rtol=0.02)
+    # M-spike courses within 2 %, except where a dose decision went the other way (≤ 1 %)
+    off = (np.abs(b.mspike / a.mspike - 1) > 0.02).any(axis=1)
+    assert off.mean() <= 0.01, off.sum()
