@@ -437,6 +437,7 @@ def _compare(args: argparse.Namespace) -> int:
     import tempfile
 
     from .compare import compare
+    from .parallel import progress_bar
     from .population import PopulationError, parse_risk_groups
     from .report import write_report
     from .trial import dose_ladder
@@ -468,14 +469,12 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     parent = _writable_folder(out)
     started = time.perf_counter()
-    tty = sys.stderr.isatty()
+    bars: dict = {}
 
     def progress(stage: str, done: int, total: int) -> None:
-        bar = "#" * round(30 * done / total)
-        end = "\n" if done == total or not tty else ""
-        start = "\r" if tty else ""
-        print(f"{start}pkpd compare: {stage:<11} [{bar:<30}] {done}/{total} blocks "
-              f"({time.perf_counter() - started:.0f} s)", end=end, file=sys.stderr, flush=True)
+        if stage not in bars:
+            bars[stage] = progress_bar(f"pkpd compare: {stage:<11}", "blocks", started=started)
+        bars[stage](done, total)
 
     scheduler = None if args.scheduler == "serial" else args.scheduler
     sensitivity: bool | list[str] = not args.no_sensitivity

@@ -349,28 +349,25 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
             indiv[k] = tv * pt.exp(eta[k]) if k in eta else tv
         outputs = pred.predict(indiv, outputs=sorted({ep.output for ep in endpoints}))
         # residual error -----------------------------------------------------------------
+        def residual_sd(nm: str, scale: float, start: float):
+            if nm in pop.sigma:  # fixed (PPP&D): a constant in the posterior
+                return pm.Deterministic(nm, pt.as_tensor_variable(pop.sigma[nm]))
+            initial[nm] = np.array(start)
+            return pm.HalfNormal(nm, sigma=scale)
+
         for ep in endpoints:
             o = obs[ep.label]
             f = outputs[ep.output][o["pos"]]
             dvpos = o["dv"][~o["cens"]]
-            typical = float(np.median(np.abs(dvpos))) if len(dvpos) else 1.0
+            typical = max(float(np.median(np.abs(dvpos))) if len(dvpos) else 1.0, 1e-12)
             names = []
             if ep.error in ("additive", "combined"):
-                nm = f"sigma_add_{ep.label}"
-                if nm in pop.sigma:  # fixed (PPP&D): a constant in the posterior
-                    a = pm.Deterministic(nm, pt.as_tensor_variable(pop.sigma[nm]))
-                else:
-                    a = pm.HalfNormal(nm, sigma=ep.sigma_add or 0.5 * max(typical, 1e-12))
-                    initial[nm] = np.array(0.1 * max(typical, 1e-12))
-                names.append(nm)
+                names.append(f"sigma_add_{ep.label}")
+                a = residual_sd(names[-1], ep.sigma_add or 0.5 * typical, 0.1 * typical)
             if ep.error in ("proportional", "combined", "lognormal"):
-                nm = f"{'sigma_log' if ep.error == 'lognormal' else 'sigma_prop'}_{ep.label}"
-                if nm in pop.sigma:
-                    b = pm.Deterministic(nm, pt.as_tensor_variable(pop.sigma[nm]))
-                else:
-                    b = pm.HalfNormal(nm, sigma=ep.sigma_prop or 0.5)
-                    initial[nm] = np.array(0.2)
-                names.append(nm)
+                kind = "sigma_log" if ep.error == "lognormal" else "sigma_prop"
+                names.append(f"{kind}_{ep.label}")
+                b = residual_sd(names[-1], ep.sigma_prop or 0.5, 0.2)
             sigma_names[ep.label] = names
             name = f"obs_{ep.label}"
             pmm.add_coord(f"{name}_dim", np.arange(len(o["dv"])))
@@ -1226,7 +1223,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
             individual = read_individual(base / f["individual"])
         except FitSpecError as e:
             raise FitSpecError(f"{where}: [fit] individual: {e}") from None
-        _check_individual(individual, model, priors, f"{where}: [fit] individual")
+    per_subject = _check_individual(individual, model, priors, f"{where}: [fit] individual")
     population = None
     if "population" in f:
         if not isinstance(f["population"], str) or not f["population"]:
@@ -1235,8 +1232,8 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
             population = read_population(base / f["population"])
         except FitSpecError as e:
             raise FitSpecError(f"{where}: [fit] population: {e}") from None
-        _check_population(population, model, priors, omega_scale, endpoints,
-                          _check_individual(individual, model, priors, where), iiv, where)
+        _check_population(population, model, priors, omega_scale, endpoints, per_subject, iiv,
+                          where)
     return FitSpec(path, f["name"], model, data, endpoints, priors, omega_scale, iiv,
                    float(prior_sd), param == "centred", sampler, out, text, individual,
                    population)

@@ -51,7 +51,7 @@ import pandas as pd
 from .compare import _block_seed
 from .fitting import Endpoint, FitSpecError, Prior, Sampler
 from .model import Model, ModelError, load_model
-from .parallel import run_tasks
+from .parallel import progress_bar, run_tasks
 from .regimen import Regimen, RegimenError
 
 __all__ = ["Design", "OperatingError", "operating_characteristics", "parse_decision", "parse_times",
@@ -518,21 +518,3 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     rows = [stats(d, str(k), False) for k, d in table.groupby("PARAMETER", sort=False)]
     rows.append(stats(table, "ALL", True))
     return pd.DataFrame(rows)
-
-
-def progress_bar(label: str, stream: Any = None) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback drawing a one-line bar on ``stream`` (stderr)."""
-    import sys
-
-    stream = stream or sys.stderr
-    tty = getattr(stream, "isatty", lambda: False)()
-    started = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        bar = "#" * round(30 * done / total)
-        end = "\n" if done == total or not tty else ""
-        print(f"{chr(13) if tty else ''}{label} [{bar:<30}] {done}/{total} replicates "
-              f"({time.perf_counter() - started:.0f} s)", end=end, file=stream, flush=True)
-
-    return progress
-

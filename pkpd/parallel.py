@@ -5,10 +5,12 @@ dose comparison (blocks of parameter draws × regimens) and the operating charac
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["run_tasks"]
+__all__ = ["progress_bar", "run_tasks"]
 
 
 def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], scheduler: Any = "local", *,
@@ -56,3 +58,20 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], scheduler: Any = "
             own_client.close()
         if own_cluster is not None:
             own_cluster.close()
+
+
+def progress_bar(label: str, unit: str = "replicates", stream: Any = None,
+                 started: float | None = None) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback drawing a one-line bar on ``stream`` (stderr;
+    redrawn in place on a terminal), with the seconds since ``started`` (default: now)."""
+    stream = stream or sys.stderr
+    tty = getattr(stream, "isatty", lambda: False)()
+    started = time.perf_counter() if started is None else started
+
+    def progress(done: int, total: int) -> None:
+        bar = "#" * round(30 * done / total)
+        end = "\n" if done == total or not tty else ""
+        print(f"{chr(13) if tty else ''}{label} [{bar:<30}] {done}/{total} {unit} "
+              f"({time.perf_counter() - started:.0f} s)", end=end, file=stream, flush=True)
+
+    return progress
