@@ -40,6 +40,8 @@ WEEK = 168.0
 AES = ("NAUSEA", "FATIGUE", "APPETITE", "HYPONATREMIA")
 _QW = [(100.0, (0.0,)), (80.0, (0.0,)), (60.0, (0.0,)), (40.0, (0.0,))]
 _BIW = [(80.0, (0.0, 48.0)), (100.0, (0.0,)), (80.0, (0.0,)), (60.0, (0.0,))]
+HAZARDS = ("HPROG", "HSRE", *(f"H_{a}_G3" for a in AES))
+HOLD_BELOW, RESUME_AT = 25.0, 50.0  # platelets, 10⁹/L: hold at grade 4, restart at ≥ 50
 
 
 @dataclass(frozen=True)
@@ -135,76 +137,13 @@ def _run(regimen, risk, n, years, seed, population, model, theta, progress, engi
     ind = individual_parameters(m, covs, theta=theta, eta=eta).params
 
     n_weeks = int(round(years * 52))
-    solver = None
-    if engine == "periodic":
-        patterns = [Pattern(offsets, (dose,) * len(offsets)) for dose, offsets in ladder]
-        solver = PeriodicSolver(m, ind, covs, [*patterns, Pattern()], period=WEEK)
-    course = None if solver is not None else Course(m, ind, covs, rtol=1e-4, atol=1e-8)
-    level = np.zeros(n, int)
-    held = np.zeros(n, bool)
-    stopped = np.full(n, not ladder)
-    delivered = np.zeros(n)  # mg per patient
     planned = ladder[0][0] * len(ladder[0][1]) * n_weeks if ladder else 0.0
-    weekly = {k: np.empty((n, n_weeks + 1)) for k in ("MSPIKE", "SFLC", "PLT")}
-    hazards = {k: np.zeros((n, n_weeks + 1)) for k in ("HPROG", "HSRE", *(
-        f"H_{a}_G3" for a in AES))}
-    plt_min = np.full(n, np.inf)
-    inh_sum = np.zeros(n)  # Σ daily XPO1 inhibition (fraction)
-    reduced_day = np.full(n, np.nan)  # restart one level lower (or stop), days
-    index = {s: i for i, s in enumerate(m.states)}
-    first = dict(zip(m.states, solver.x if solver is not None else course.x.T, strict=True))
-    weekly["MSPIKE"][:, 0] = first["MPROT"]
-    weekly["SFLC"][:, 0] = first["FLC"]
-    weekly["PLT"][:, 0] = first["CIRC"]
-    day = np.arange(0.0, WEEK + 1, 24.0)
-    if solver is not None:
-        daily = np.searchsorted(solver.times, day[1:])
-        col = solver.columns
-        circ_start = first["CIRC"]
-    for w in range(n_weeks):
-        t0 = w * WEEK
-        doses = []  # (patients, time h, amount mg)
-        dosing = ~held & ~stopped
-        if ladder:
-            for lv, (dose, offsets) in enumerate(ladder):
-                who = np.flatnonzero(dosing & (level == lv))
-                doses += [(who, np.full(len(who), t0 + o), np.full(len(who), dose))
-                          for o in offsets]
-                delivered[who] += dose * len(offsets)
-        if solver is not None:
-            res = solver.run(np.where(dosing, level, len(ladder)))  # (n, steps, columns)
-            end = {k: res[:, -1, col[k]] for k in ("MPROT", "FLC", *hazards)}
-            bound = res[:, daily, col["BOUND"]]  # (n, 7) end of each day
-            circ = np.column_stack([circ_start, res[:, daily, col["CIRC"]]])
-            circ_start = circ[:, -1]
-        else:
-            subj, times, amts = (np.concatenate([d[i] for d in doses]) if doses
-                                 else np.zeros(0) for i in range(3))
-            order = np.lexsort((times, subj))
-            amounts = course.run(t0, t0 + day, subj[order].astype(int), times[order],
-                                 amts[order])
-            end = {k: amounts[index[k], -1] for k in ("MPROT", "FLC", *hazards)}
-            bound = amounts[index["BOUND"], 1:].T
-            circ = amounts[index["CIRC"]].T
-        inh_sum += bound.sum(axis=1)  # XPO1_INH = BOUND
-        plt_week = circ.min(axis=1)
-        plt_min = np.minimum(plt_min, plt_week)
-        weekly["MSPIKE"][:, w + 1] = end["MPROT"]
-        weekly["SFLC"][:, w + 1] = end["FLC"]
-        weekly["PLT"][:, w + 1] = plt_week
-        for k in hazards:
-            hazards[k][:, w + 1] = end[k]
-        # label: hold at grade 4 until ≥ 50, then one level lower (stop below the ladder)
-        plt_end = circ[:, -1]
-        newly = ~held & ~stopped & (plt_week < 25.0)
-        held |= newly
-        resume = held & (plt_end >= 50.0) & ~newly
-        level[resume] += 1
-        reduced_day[resume & np.isnan(reduced_day)] = (w + 1) * 7.0
-        stopped |= resume & (level >= len(ladder))
-        held &= ~resume
-        if progress is not None:
-            progress(w + 1, n_weeks)
+    if engine == "periodic":
+        weekly, hazards, plt_min, inh_sum, delivered, reduced_day = _weeks_periodic(
+            m, ind, covs, ladder, n, n_weeks, progress)
+    else:
+        weekly, hazards, plt_min, inh_sum, delivered, reduced_day = _weeks_ode(
+            m, ind, covs, ladder, n, n_weeks, progress)
 
     weeks = np.arange(n_weeks + 1) * WEEK
     patients = _endpoints(pop, weeks, weekly, hazards, plt_min, np.random.default_rng(
@@ -219,6 +158,103 @@ def _run(regimen, risk, n, years, seed, population, model, theta, progress, engi
     patients["BIOCHEM_PROG_DAYS"] = bio_t
     return TrialResult(patients, _summary(patients, years), weeks, weekly["MSPIKE"],
                        weekly["PLT"])
+
+
+def _weeks_ode(m, ind, covs, ladder, n, n_weeks, progress):
+    """The weekly loop with the label's dose modification on the compiled ODE solver."""
+    course = Course(m, ind, covs, rtol=1e-4, atol=1e-8)
+    level = np.zeros(n, int)
+    held = np.zeros(n, bool)
+    stopped = np.full(n, not ladder)
+    delivered = np.zeros(n)  # mg per patient
+    weekly = {k: np.empty((n, n_weeks + 1)) for k in ("MSPIKE", "SFLC", "PLT")}
+    hazards = {k: np.zeros((n, n_weeks + 1)) for k in HAZARDS}
+    plt_min = np.full(n, np.inf)
+    inh_sum = np.zeros(n)  # Σ daily XPO1 inhibition (fraction)
+    reduced_day = np.full(n, np.nan)  # restart one level lower (or stop), days
+    index = {s: i for i, s in enumerate(m.states)}
+    first = dict(zip(m.states, course.x.T, strict=True))
+    weekly["MSPIKE"][:, 0] = first["MPROT"]
+    weekly["SFLC"][:, 0] = first["FLC"]
+    weekly["PLT"][:, 0] = first["CIRC"]
+    day = np.arange(0.0, WEEK + 1, 24.0)
+    for w in range(n_weeks):
+        t0 = w * WEEK
+        doses = []  # (patients, time h, amount mg)
+        dosing = ~held & ~stopped
+        if ladder:
+            for lv, (dose, offsets) in enumerate(ladder):
+                who = np.flatnonzero(dosing & (level == lv))
+                doses += [(who, np.full(len(who), t0 + o), np.full(len(who), dose))
+                          for o in offsets]
+                delivered[who] += dose * len(offsets)
+        subj, times, amts = (np.concatenate([d[i] for d in doses]) if doses
+                             else np.zeros(0) for i in range(3))
+        order = np.lexsort((times, subj))
+        amounts = course.run(t0, t0 + day, subj[order].astype(int), times[order],
+                             amts[order])
+        end = {k: amounts[index[k], -1] for k in ("MPROT", "FLC", *hazards)}
+        bound = amounts[index["BOUND"], 1:].T
+        circ = amounts[index["CIRC"]].T
+        inh_sum += bound.sum(axis=1)  # XPO1_INH = BOUND
+        plt_week = circ.min(axis=1)
+        plt_min = np.minimum(plt_min, plt_week)
+        weekly["MSPIKE"][:, w + 1] = end["MPROT"]
+        weekly["SFLC"][:, w + 1] = end["FLC"]
+        weekly["PLT"][:, w + 1] = plt_week
+        for k in hazards:
+            hazards[k][:, w + 1] = end[k]
+        # label: hold at grade 4 until ≥ 50, then one level lower (stop below the ladder)
+        plt_end = circ[:, -1]
+        newly = ~held & ~stopped & (plt_week < HOLD_BELOW)
+        held |= newly
+        resume = held & (plt_end >= RESUME_AT) & ~newly
+        level[resume] += 1
+        reduced_day[resume & np.isnan(reduced_day)] = (w + 1) * 7.0
+        stopped |= resume & (level >= len(ladder))
+        held &= ~resume
+        if progress is not None:
+            progress(w + 1, n_weeks)
+    return weekly, hazards, plt_min, inh_sum, delivered, reduced_day
+
+
+def _weeks_periodic(m, ind, covs, ladder, n, n_weeks, progress):
+    """The same loop on the periodic solver: the weekly decisions run inside its compiled
+    per-patient loop (:meth:`PeriodicSolver.run_ladder`), in parts of a few weeks when
+    ``progress`` is reported."""
+    patterns = [Pattern(offsets, (dose,) * len(offsets)) for dose, offsets in ladder]
+    solver = PeriodicSolver(m, ind, covs, [*patterns, Pattern()], period=WEEK)
+    first = dict(zip(m.states, solver.x, strict=True))
+    record = ("MPROT", "FLC", *HAZARDS)
+    rec = np.empty((n, n_weeks + 1, len(record)))
+    low = np.empty((n, n_weeks + 1))
+    which = np.empty((n, n_weeks), np.int64)
+    rec[:, 0] = np.column_stack([first[k] for k in record])
+    low[:, 0] = first["CIRC"]
+    inh_sum = np.zeros(n)
+    state = None
+    part = n_weeks if progress is None else max(1, min(4, n_weeks))
+    for w0 in range(0, n_weeks, part):
+        k = min(part, n_weeks - w0)
+        r = solver.run_ladder(range(len(ladder)), k, off=len(ladder), monitor="CIRC",
+                              samples=np.arange(24.0, WEEK + 1, 24.0), hold_below=HOLD_BELOW,
+                              resume_at=RESUME_AT, record=record, accumulate="BOUND",
+                              state=state)
+        state = r.state
+        rec[:, w0 + 1:w0 + k + 1] = r.record
+        low[:, w0 + 1:w0 + k + 1] = r.low
+        which[:, w0:w0 + k] = r.which
+        inh_sum += r.total
+        if progress is not None:
+            progress(w0 + k, n_weeks)
+    weekly = {"MSPIKE": rec[:, :, 0], "SFLC": rec[:, :, 1], "PLT": low}
+    hazards = {k: rec[:, :, 2 + j] for j, k in enumerate(HAZARDS)}
+    mg = np.array([dose * len(offsets) for dose, offsets in ladder] + [0.0])
+    delivered = mg[which].sum(axis=1)
+    plt_min = low[:, 1:].min(axis=1) if n_weeks else np.full(n, np.inf)
+    first_resume = state.first_resume if state is not None else np.full(n, -1)
+    reduced_day = np.where(first_resume >= 0, (first_resume + 1) * 7.0, np.nan)
+    return weekly, hazards, plt_min, inh_sum, delivered, reduced_day
 
 
 def _endpoints(pop: pd.DataFrame, weeks: np.ndarray, weekly, hazards, plt_min,

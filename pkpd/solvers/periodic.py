@@ -31,6 +31,7 @@ Assumed, and checked: what is left of a period's doses two periods later is negl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -40,7 +41,8 @@ import sympy as sp
 from ..model import TIME, Model
 from .linear import phi
 
-__all__ = ["PeriodicSolver", "Pattern", "Unsupported", "split"]
+__all__ = ["LadderResult", "LadderState", "Pattern", "PeriodicSolver", "Unsupported",
+           "split"]
 
 
 class Unsupported(ValueError):
@@ -53,6 +55,28 @@ class Pattern:
 
     times: tuple[float, ...] = ()
     amounts: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class LadderState:
+    """Per-subject state of :meth:`PeriodicSolver.run_ladder`'s rule (updated in place)."""
+
+    level: np.ndarray  # index in the ladder
+    held: np.ndarray
+    stopped: np.ndarray
+    first_resume: np.ndarray  # period of the first restart, -1: none
+    periods: int  # periods run so far
+
+
+@dataclass(frozen=True)
+class LadderResult:
+    """What :meth:`PeriodicSolver.run_ladder` returns (periods of this call)."""
+
+    record: np.ndarray  # (n, periods, len(record)) at each period end
+    low: np.ndarray  # (n, periods) lowest monitor value at the period start and samples
+    total: np.ndarray  # (n,) sum of ``accumulate`` at the samples
+    which: np.ndarray  # (n, periods) pattern followed
+    state: LadderState
 
 
 @dataclass(frozen=True)
@@ -160,101 +184,181 @@ def driven_rates(p, y, a, c, d):
 {driven_body}
 
 
+@njit(cache=True)
+def compose_one(p, lam, unit, t_d, a_d, g, edges, maps, dbar, a, c, d, y):
+    # one subject: PK amounts on the fine grid g (doses a_d at t_d, modes lam with unit
+    # responses unit (modes, pk)); driven states dx/dt = a·x + c there (a, c linear in
+    # time between grid points); per coarse step j (g[edges[j]] to g[edges[j + 1]]) the maps
+    # x → α·x + β and ∫x dt → γ·x + δ (maps (steps, 4, nd)); step means of drivers → dbar;
+    # a, c, d, y: scratch (grid, nd), (grid, nd), (grid, nD), (pk,)
+    nm, npk = unit.shape
+    nd = maps.shape[2]
+    nD = dbar.shape[1]
+    ng = g.shape[0]
+    for m in range(ng):
+        y[:] = 0.0
+        for k in range(t_d.shape[0]):
+            dt = g[m] - t_d[k]
+            if a_d[k] > 0.0 and dt >= 0.0:
+                for q in range(nm):
+                    e = a_d[k] * math.exp(lam[q] * dt)
+                    for r in range(npk):
+                        y[r] += e * unit[q, r]
+        driven_rates(p, y, a[m], c[m], d[m])
+    for j in range(edges.shape[0] - 1):
+        lo, hi = edges[j], edges[j + 1]
+        width = g[hi] - g[lo]
+        for q in range(nd):
+            al, be, ga, de = 1.0, 0.0, 0.0, 0.0
+            for m in range(lo, hi):
+                h = g[m + 1] - g[m]
+                z = 0.5 * (a[m, q] + a[m + 1, q]) * h
+                if z == 0.0:  # e.g. a cumulative hazard
+                    ez, p1, p2 = 1.0, 1.0, 0.5
+                else:
+                    ez, p1, p2 = _factors(z)
+                al1 = ez * al
+                be1 = ez * be + h * (p1 * c[m, q] + p2 * (c[m + 1, q] - c[m, q]))
+                ga += 0.5 * h * (al + al1)
+                de += 0.5 * h * (be + be1)
+                al, be = al1, be1
+            maps[j, 0, q] = al
+            maps[j, 1, q] = be
+            maps[j, 2, q] = ga
+            maps[j, 3, q] = de
+        for q in range(nD):
+            acc = 0.0
+            for m in range(lo, hi):
+                acc += 0.5 * (g[m + 1] - g[m]) * (d[m, q] + d[m + 1, q])
+            dbar[j, q] = acc / width
+
+
 @njit(cache=True, parallel=True)
 def compose(p, lam, unit, t_d, a_d, g, edges, maps, dbar):
-    # per subject i: PK amounts on the fine grid g (doses a_d at t_d, modes lam with unit
-    # responses unit (n, modes, pk)); driven states dx/dt = a·x + c there (a, c linear in
-    # time between grid points); per coarse step j (g[edges[j]] to g[edges[j + 1]]) the maps
-    # x → α·x + β and ∫x dt → γ·x + δ (maps (n, steps, 4, nd)); step means of drivers → dbar
+    # compose_one for every subject i (prange): unit (n, modes, pk), maps (n, steps, 4, nd)
     n, nm, npk = unit.shape
     nd = maps.shape[3]
     nD = dbar.shape[2]
     ng = g.shape[0]
     for i in prange(n):
-        a = np.empty((ng, nd))
-        c = np.empty((ng, nd))
-        d = np.empty((ng, nD))
-        y = np.empty(npk)
-        for m in range(ng):
-            y[:] = 0.0
-            for k in range(t_d.shape[1]):
-                dt = g[m] - t_d[i, k]
-                if a_d[i, k] > 0.0 and dt >= 0.0:
-                    for q in range(nm):
-                        e = a_d[i, k] * math.exp(lam[i, q] * dt)
-                        for r in range(npk):
-                            y[r] += e * unit[i, q, r]
-            driven_rates(p[i], y, a[m], c[m], d[m])
-        for j in range(edges.shape[0] - 1):
-            lo, hi = edges[j], edges[j + 1]
-            width = g[hi] - g[lo]
-            for q in range(nd):
-                al, be, ga, de = 1.0, 0.0, 0.0, 0.0
-                for m in range(lo, hi):
-                    h = g[m + 1] - g[m]
-                    z = 0.5 * (a[m, q] + a[m + 1, q]) * h
-                    if z == 0.0:  # e.g. a cumulative hazard
-                        ez, p1, p2 = 1.0, 1.0, 0.5
-                    else:
-                        ez, p1, p2 = _factors(z)
-                    al1 = ez * al
-                    be1 = ez * be + h * (p1 * c[m, q] + p2 * (c[m + 1, q] - c[m, q]))
-                    ga += 0.5 * h * (al + al1)
-                    de += 0.5 * h * (be + be1)
-                    al, be = al1, be1
-                maps[i, j, 0, q] = al
-                maps[i, j, 1, q] = be
-                maps[i, j, 2, q] = ga
-                maps[i, j, 3, q] = de
-            for q in range(nD):
-                acc = 0.0
-                for m in range(lo, hi):
-                    acc += 0.5 * (g[m + 1] - g[m]) * (d[m, q] + d[m + 1, q])
-                dbar[i, j, q] = acc / width
+        compose_one(p[i], lam[i], unit[i], t_d[i], a_d[i], g, edges, maps[i], dbar[i],
+                    np.empty((ng, nd)), np.empty((ng, nd)), np.empty((ng, nD)), np.empty(npk))
+
+
+@njit(cache=True, inline="always")
+def advance_one(pi, xd, xs, mp, db, widths, const, ex, ph1, ph2, out, buf):
+    # one period of one subject: xd (nd,), xs (ns,) updated in place; mp (steps, 4, nd) = α,
+    # β, γ, δ of this period; db (steps, nD); const (ns,) True where a state's own rate a is
+    # constant, with e^{ah}, φ1, φ2 (steps, ns); out (steps, nd + ns); buf scratch
+    nd = xd.shape[0]
+    ns = xs.shape[0]
+    f = buf[:nd]
+    a0 = buf[nd:nd + ns]
+    b0 = buf[nd + ns:nd + 2 * ns]
+    a1 = buf[nd + 2 * ns:nd + 3 * ns]
+    b1 = buf[nd + 3 * ns:nd + 4 * ns]
+    pred = buf[nd + 4 * ns:]
+    for j in range(widths.shape[0]):
+        h = widths[j]
+        for q in range(nd):
+            x0 = xd[q]
+            f[q] = (mp[j, 2, q] * x0 + mp[j, 3, q]) / h
+            xd[q] = mp[j, 0, q] * x0 + mp[j, 1, q]
+            out[j, q] = xd[q]
+        d = db[j]
+        slow_rates(pi, xs, f, d, a0, b0)
+        for q in range(ns):
+            if const[q]:
+                pred[q] = ex[j, q] * xs[q] + h * ph1[j, q] * b0[q]
+            else:
+                ez, p1, p2 = _factors(a0[q] * h)
+                pred[q] = ez * xs[q] + h * p1 * b0[q]
+        slow_rates(pi, pred, f, d, a1, b1)
+        for q in range(ns):
+            if const[q]:
+                xs[q] = ex[j, q] * xs[q] + h * (ph1[j, q] * b0[q] + ph2[j, q] * (b1[q] - b0[q]))
+            else:
+                ez, p1, p2 = _factors(0.5 * (a0[q] + a1[q]) * h)
+                xs[q] = ez * xs[q] + h * (p1 * b0[q] + p2 * (b1[q] - b0[q]))
+            out[j, nd + q] = xs[q]
 
 
 @njit(cache=True, parallel=True)
 def advance(p, xd, xs, maps, dbar, widths, const, ex, ph1, ph2, out):
     # one period for every subject i (prange): p (n, P); xd (n, nd); xs (n, ns);
-    # maps (n, steps, 4, nd) = α, β, γ, δ of this period; dbar (n, steps, nD);
-    # const (ns,) True where a state's own rate a is constant, with e^{ah}, φ1, φ2 (n, steps, ns)
+    # maps (n, steps, 4, nd); dbar (n, steps, nD); ex, ph1, ph2 (n, steps, ns);
+    # out (n, steps, nd + ns)
     n, nd = xd.shape
     ns = xs.shape[1]
     for i in prange(n):
+        advance_one(p[i], xd[i], xs[i], maps[i], dbar[i], widths, const, ex[i], ph1[i],
+                    ph2[i], out[i], np.empty(nd + 5 * ns))
+
+
+@njit(cache=True, parallel=True)
+def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, const, ex, ph1, ph2,
+           xd, xs, maps, dbar, loaded, prev, levels, off, level, held, stopped,
+           mon, samples, hold_below, resume_at, rec_cols, acc_col, n_periods,
+           rec, low, acc, which, first_resume, period0):
+    # n_periods periods for every subject i (prange), the pattern of each chosen by the
+    # hold-and-reduce rule (see PeriodicSolver.run_ladder); state arrays updated in place
+    n, nd = xd.shape
+    ns = xs.shape[1]
+    nm, npk = unit.shape[1], unit.shape[2]
+    nD = dbar.shape[2]
+    ng = g.shape[0]
+    U, W = pat_t.shape
+    steps = widths.shape[0]
+    for i in prange(n):
+        out = np.empty((steps, nd + ns))
         buf = np.empty(nd + 5 * ns)
-        f = buf[:nd]
-        a0 = buf[nd:nd + ns]
-        b0 = buf[nd + ns:nd + 2 * ns]
-        a1 = buf[nd + 2 * ns:nd + 3 * ns]
-        b1 = buf[nd + 3 * ns:nd + 4 * ns]
-        pred = buf[nd + 4 * ns:]
-        pi = p[i]
-        mp = maps[i]
-        db = dbar[i]
-        for j in range(widths.shape[0]):
-            h = widths[j]
-            for q in range(nd):
-                x0 = xd[i, q]
-                f[q] = (mp[j, 2, q] * x0 + mp[j, 3, q]) / h
-                xd[i, q] = mp[j, 0, q] * x0 + mp[j, 1, q]
-                out[i, j, q] = xd[i, q]
-            d = db[j]
-            slow_rates(pi, xs[i], f, d, a0, b0)
-            for q in range(ns):
-                if const[q]:
-                    pred[q] = ex[i, j, q] * xs[i, q] + h * ph1[i, j, q] * b0[q]
-                else:
-                    ez, p1, p2 = _factors(a0[q] * h)
-                    pred[q] = ez * xs[i, q] + h * p1 * b0[q]
-            slow_rates(pi, pred, f, d, a1, b1)
-            for q in range(ns):
-                if const[q]:
-                    xs[i, q] = (ex[i, j, q] * xs[i, q]
-                                + h * (ph1[i, j, q] * b0[q] + ph2[i, j, q] * (b1[q] - b0[q])))
-                else:
-                    ez, p1, p2 = _factors(0.5 * (a0[q] + a1[q]) * h)
-                    xs[i, q] = ez * xs[i, q] + h * (p1 * b0[q] + p2 * (b1[q] - b0[q]))
-                out[i, j, nd + q] = xs[i, q]
+        ga = np.empty((ng, nd))
+        gc = np.empty((ng, nd))
+        gd = np.empty((ng, nD))
+        y = np.empty(npk)
+        t_d = np.zeros(2 * W)
+        a_d = np.zeros(2 * W)
+        for w in range(n_periods):
+            dosing = not held[i] and not stopped[i]
+            u = levels[level[i]] if dosing else off
+            code = (prev[i] + 1) * U + u
+            if code != loaded[i]:
+                for k in range(W):
+                    t_d[k] = pat_t[u, k]
+                    a_d[k] = pat_a[u, k]
+                    if prev[i] >= 0:
+                        t_d[W + k] = pat_t[prev[i], k] - period
+                        a_d[W + k] = pat_a[prev[i], k]
+                    else:
+                        t_d[W + k] = 0.0
+                        a_d[W + k] = 0.0
+                compose_one(p[i], lam[i], unit[i], t_d, a_d, g, edges, maps[i], dbar[i],
+                            ga, gc, gd, y)
+                loaded[i] = code
+            prev[i] = u
+            start = xd[i, mon] if mon < nd else xs[i, mon - nd]
+            advance_one(p[i], xd[i], xs[i], maps[i], dbar[i], widths, const, ex[i], ph1[i],
+                        ph2[i], out, buf)
+            lo = start
+            s = 0.0
+            for k in samples:
+                lo = min(lo, out[k, mon])
+                if acc_col >= 0:
+                    s += out[k, acc_col]
+            for r in range(rec_cols.shape[0]):
+                rec[i, w, r] = out[steps - 1, rec_cols[r]]
+            low[i, w] = lo
+            acc[i] += s
+            which[i, w] = u
+            if dosing and lo < hold_below:  # hold
+                held[i] = True
+            elif held[i] and out[steps - 1, mon] >= resume_at:  # restart one level lower
+                level[i] += 1
+                if first_resume[i] < 0:
+                    first_resume[i] = period0 + w
+                if level[i] >= levels.shape[0]:
+                    stopped[i] = True
+                held[i] = False
 """
 
 
@@ -381,18 +485,16 @@ class PeriodicSolver:
         self._prev = np.full(n, -1, np.int64)  # pattern of the previous period (-1: none)
         self._p = np.ascontiguousarray(self.table.T)
         self._g = _grid([t for p in self.patterns for t in p.times], np.r_[0.0, self.times])
+        self._edges = np.searchsorted(self._g, np.r_[0.0, self.times])
+        P = self.prop.P  # (n, m, pk, pk)
+        self._unit = np.ascontiguousarray(P[:, :, :, s.pk.index(self.dose_state)])  # unit dose
 
     # -- precomputation per pattern ------------------------------------------------------
-    def _load(self, prev: np.ndarray, index: np.ndarray, sub: np.ndarray) -> None:
-        """Put in place, for subjects ``sub``, the (α, β, γ, δ) of the driven states and the
-        step means of the drivers over one period of pattern ``index`` (one per subject) that
-        follows a period of pattern ``prev`` (-1: none), whose doses still drive it."""
-        s = self.sp
-        edges_t = np.r_[0.0, self.times]
-        g = self._g
-        # doses per subject (k, D): this period's, then the previous period's at t − period
-        width = max(len(p.times) for p in self.patterns)
-        t_d = np.zeros((len(sub), 2 * width))
+    def _doses(self, prev: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Dose times and amounts per subject (k, 2·D): this period's pattern ``index``, then
+        the previous period's ``prev`` (-1: none) at t − period."""
+        width = max(1, max(len(p.times) for p in self.patterns))
+        t_d = np.zeros((len(index), 2 * width))
         a_d = np.zeros_like(t_d)
         for u, p in enumerate(self.patterns):
             k = len(p.times)
@@ -401,9 +503,13 @@ class PeriodicSolver:
             rows = prev == u
             t_d[rows, width:width + k] = np.asarray(p.times) - self.period
             a_d[rows, width:width + k] = p.amounts
-        lam, P = self.prop.lam[sub], self.prop.P[sub]  # (k, m), (k, m, pk, pk)
-        unit = P[:, :, :, s.pk.index(self.dose_state)]  # (k, m, pk): response to a unit dose
-        # what is left two periods on is neglected: check it is negligible
+        return t_d, a_d
+
+    def _check_carry(self, t_d: np.ndarray, a_d: np.ndarray, sub: np.ndarray) -> None:
+        """What is left two periods on is neglected: check it is negligible."""
+        width = t_d.shape[1] // 2
+        lam = self.prop.lam[sub]
+        unit = self._unit[sub]
         e_end = np.exp(lam[:, None, :] * (2 * self.period - t_d[:, :width, None]))  # (k, D, m)
         left = np.einsum("ndm,nmk->nk", e_end * a_d[:, :width, None], unit)
         total = a_d[:, :width].sum(axis=1)
@@ -412,10 +518,18 @@ class PeriodicSolver:
             raise Unsupported(f"{carry.max():.1e} of the doses of a {self.period:g}-h period "
                               f"is left in the PK compartments two periods later (above "
                               f"{self.carry_tol:g}): periods are not independent")
+
+    def _load(self, prev: np.ndarray, index: np.ndarray, sub: np.ndarray) -> None:
+        """Put in place, for subjects ``sub``, the (α, β, γ, δ) of the driven states and the
+        step means of the drivers over one period of pattern ``index`` (one per subject) that
+        follows a period of pattern ``prev`` (-1: none), whose doses still drive it."""
+        s = self.sp
+        t_d, a_d = self._doses(prev, index)
+        self._check_carry(t_d, a_d, sub)
         maps = np.empty((len(sub), len(self.times), 4, len(s.driven)))
         dbar = np.empty((len(sub), len(self.times), len(s.drivers)))
-        self._kernel.compose(self._p[sub], lam, np.ascontiguousarray(unit), t_d, a_d, g,
-                             np.searchsorted(g, edges_t), maps, dbar)
+        self._kernel.compose(self._p[sub], np.ascontiguousarray(self.prop.lam[sub]),
+                             self._unit[sub], t_d, a_d, self._g, self._edges, maps, dbar)
         self._maps_all[sub] = maps
         self._dbar_all[sub] = dbar
 
@@ -434,11 +548,76 @@ class PeriodicSolver:
         if len(stale):
             self._load(self._prev[stale], which[stale], stale)
         self._loaded = code
-        self._prev = which
+        self._prev = which.copy()
         res = np.empty((n, len(self.times), len(s.driven) + len(s.slow)))
         self._kernel.advance(self._p, self._xd, self._xs, self._maps_all, self._dbar_all,
                              self._widths, self._const, self._ex, self._ph1, self._ph2, res)
         return res
+
+    def run_ladder(self, ladder: Sequence[int], periods: int, *, off: int, monitor: str,
+                   samples: Sequence[float], hold_below: float, resume_at: float,
+                   record: Sequence[str] = (), accumulate: str | None = None,
+                   state: LadderState | None = None) -> LadderResult:
+        """Advance ``periods`` periods with a per-subject hold-and-reduce rule (e.g. a label's
+        dose modification), all in one compiled loop per subject.
+
+        Each subject starts on pattern ``ladder[0]``. After each period, ``low`` = the lowest
+        value of state ``monitor`` at the period start and at ``samples`` (h from the period
+        start, step ends in :attr:`times`): a dosing subject with ``low < hold_below`` is held
+        (pattern ``off``) from the next period; a held subject whose ``monitor`` at the period
+        end is ``>= resume_at`` restarts on the next pattern of ``ladder`` (after the last
+        one: stopped, pattern ``off`` for good). The same as :meth:`run` period by period
+        with ``which`` chosen that way. ``state`` carries the rule's per-subject state across
+        calls (so a course can be run in parts, e.g. to report progress): pass the previous
+        result's ``state``.
+
+        Returns the values of ``record`` states at each period end, ``low`` per period, the
+        sum of ``accumulate`` at the ``samples`` over all periods, the pattern of each period
+        and the period (counted from the first call) of each subject's first restart (-1:
+        none).
+        """
+        n = self.n
+        col = self.columns
+        for k in (monitor, *record, *([accumulate] if accumulate else [])):
+            if k not in col:
+                raise ValueError(f"{k}: not a driven or slow state of {self.model.name}")
+        idx = np.searchsorted(self.times, samples)
+        if len(samples) and (idx.max() >= len(self.times)
+                             or not np.allclose(self.times[idx], samples)):
+            raise ValueError(f"samples {list(samples)} must be step ends ({self.times})")
+        levels = np.asarray(ladder, dtype=np.int64)
+        used = {int(off), *levels.tolist()}
+        if min(used) < 0 or max(used) >= len(self.patterns):
+            raise ValueError(f"ladder and off: pattern indices (0-{len(self.patterns) - 1})")
+        if state is None:
+            state = LadderState(np.zeros(n, np.int64), np.zeros(n, np.bool_),
+                                np.full(n, len(levels) == 0), np.full(n, -1, np.int64), 0)
+            # every pair of used patterns, for every subject: do the doses die out?
+            for u in used:
+                for v in (-1, *used):
+                    t_d, a_d = self._doses(np.full(n, v), np.full(n, u))
+                    self._check_carry(t_d, a_d, np.arange(n))
+        width = max(1, max(len(p.times) for p in self.patterns))
+        pat_t = np.zeros((len(self.patterns), width))
+        pat_a = np.zeros_like(pat_t)
+        for u, p in enumerate(self.patterns):
+            pat_t[u, :len(p.times)], pat_a[u, :len(p.times)] = p.times, p.amounts
+        rec = np.empty((n, periods, len(record)))
+        low = np.empty((n, periods))
+        acc = np.zeros(n)
+        which = np.empty((n, periods), np.int64)
+        rec_cols = np.array([col[k] for k in record], dtype=np.int64)
+        self._kernel.ladder(
+            self._p, np.ascontiguousarray(self.prop.lam), self._unit, pat_t, pat_a,
+            float(self.period), self._g, self._edges, self._widths, self._const, self._ex,
+            self._ph1, self._ph2, self._xd, self._xs, self._maps_all, self._dbar_all,
+            self._loaded, self._prev, levels if len(levels) else np.zeros(1, np.int64),
+            int(off), state.level, state.held, state.stopped, int(col[monitor]),
+            idx.astype(np.int64), float(hold_below), float(resume_at), rec_cols,
+            int(col[accumulate]) if accumulate else -1, int(periods), rec, low, acc, which,
+            state.first_resume, int(state.periods))
+        state = dataclasses.replace(state, periods=state.periods + periods)
+        return LadderResult(rec, low, acc, which, state)
 
     @property
     def columns(self) -> dict[str, int]:
