@@ -260,7 +260,7 @@ def _run_block(block: _Block) -> dict[str, Any]:
     horizon = min(2.0, block.years) * YEAR_DAYS
     for reg in block.regimens:
         res = run_trial(reg, risk=block.risk, n=nd * n, years=block.years, seed=block.seed,
-                        model=block.model, theta=theta or None)
+                        model=block.model, theta=theta or None, summarise=False)
         p = res.patients
         one_year = min(52, res.platelets.shape[1] - 1)
         plt_g3 = (res.platelets[:, 1:one_year + 1].min(axis=1) < 50.0).astype(int)

@@ -73,9 +73,9 @@ def kaplan_meier(time: np.ndarray, event: np.ndarray) -> pd.DataFrame:
     time, event = np.asarray(time, dtype=float), np.asarray(event, dtype=int)
     order = np.lexsort((-event, time))
     time, event = time[order], event[order]
-    uniq = np.unique(time[event == 1])
+    uniq, d = np.unique(time[event == 1], return_counts=True)
+    d = d.astype(float)
     at_risk = len(time) - np.searchsorted(time, uniq, side="left")
-    d = np.array([np.sum((time == t) & (event == 1)) for t in uniq], dtype=float)
     surv = np.cumprod(1 - d / at_risk)
     with np.errstate(divide="ignore", invalid="ignore"):
         var = np.cumsum(d / (at_risk * (at_risk - d)))

@@ -81,7 +81,7 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
               model: Model | str = "selinexor_smm",
               theta: Mapping[str, float | np.ndarray] | None = None,
               progress: Callable[[int, int], None] | None = None,
-              engine: str = "periodic") -> TrialResult:
+              engine: str = "periodic", summarise: bool = True) -> TrialResult:
     """Simulate ``n`` patients on ``regimen`` for ``years``; same seed ⇒ same result (and,
     across regimens, the same patients and random event times: common random numbers).
 
@@ -94,20 +94,25 @@ def run_trial(regimen: str, *, risk: str | list[str] | None = "intermediate,high
     (:mod:`pkpd.solvers.periodic`: 7-8× faster; states within 0.5 % of the reference, platelets
     at grade 4 counts within 4 %), falling back, with a warning, to "ode" (the error-controlled
     compiled solver, rtol 1e-4) when the model does not have that structure.
+
+    ``summarise=False`` leaves :attr:`TrialResult.summary` empty (for callers that only need
+    the per-patient table, e.g. :func:`pkpd.compare.compare`).
     """
     if engine not in ("periodic", "ode"):
         raise ValueError(f"engine must be 'periodic' or 'ode', got {engine!r}")
     if engine == "periodic":
         try:
             return _run(regimen, risk, n, years, seed, population, model, theta, progress,
-                        "periodic")
+                        "periodic", summarise)
         except Unsupported as exc:  # e.g. a dose not eliminated within the week
             warnings.warn(f"run_trial: the periodic engine does not apply ({exc}); using the "
                           "ode engine", stacklevel=2)
-    return _run(regimen, risk, n, years, seed, population, model, theta, progress, "ode")
+    return _run(regimen, risk, n, years, seed, population, model, theta, progress, "ode",
+                summarise)
 
 
-def _run(regimen, risk, n, years, seed, population, model, theta, progress, engine):
+def _run(regimen, risk, n, years, seed, population, model, theta, progress, engine,
+         summarise=True):
     if population not in ("smm", "rrmm"):
         raise ValueError(f"population must be 'smm' or 'rrmm', got {population!r}")
     if years <= 0 or years > 10:
@@ -156,8 +161,8 @@ def _run(regimen, risk, n, years, seed, population, model, theta, progress, engi
     bio_t, bio = imwg_progression(weeks[visits] / 24.0, weekly["MSPIKE"][:, visits])
     patients["BIOCHEM_PROG"] = bio
     patients["BIOCHEM_PROG_DAYS"] = bio_t
-    return TrialResult(patients, _summary(patients, years), weeks, weekly["MSPIKE"],
-                       weekly["PLT"])
+    summary = _summary(patients, years) if summarise else pd.DataFrame()
+    return TrialResult(patients, summary, weeks, weekly["MSPIKE"], weekly["PLT"])
 
 
 def _weeks_ode(m, ind, covs, ladder, n, n_weeks, progress):

@@ -22,7 +22,17 @@ states by one exponential Heun step (ETD2: exact for each state's own linear rat
 linear in time) with the driven states and drivers at their step means. Since the slow rates
 are linear in those, the step means carry their whole effect over the step up to the
 covariance of the fast drive with the slow states within the step (second order in its
-length; the step ends after each dose are refined for that).
+length; a step end 12 h after each dose refines the first day). Transit chains among the
+slow states (e.g. the platelet maturation compartments, dT2/dt = k·T1 − k·T2) are exact in
+their own linear coupling: their matrix exponential and φ functions are per-subject
+constants (:func:`_chains`), so only their input (e.g. k·PROL) is taken linear in time. With
+that, 24-h steps (8 per week for a weekly dose, 16 of the former scheme at 12 h) keep the
+platelet chain within 2 % of the reference (3.4 % before).
+
+A whole course with a per-subject dose rule (hold below a threshold, restart one level
+lower) runs in one compiled loop per subject (:meth:`PeriodicSolver.run_ladder`), composing
+each subject's maps when its pattern pair changes; :meth:`PeriodicSolver.run` advances one
+period for all subjects with patterns chosen by the caller.
 
 Assumed, and checked: what is left of a period's doses two periods later is negligible
 (below ``carry_tol`` of them). Accuracy against the error-controlled reference
@@ -32,6 +42,7 @@ Assumed, and checked: what is left of a period's doses two periods later is negl
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -195,15 +206,46 @@ def compose_one(p, lam, unit, t_d, a_d, g, edges, maps, dbar, a, c, d, y):
     nd = maps.shape[2]
     nD = dbar.shape[1]
     ng = g.shape[0]
-    for m in range(ng):
+    if not np.any(a_d > 0.0):  # no dose drives this period: constant rates, exact maps
         y[:] = 0.0
-        for k in range(t_d.shape[0]):
-            dt = g[m] - t_d[k]
-            if a_d[k] > 0.0 and dt >= 0.0:
+        driven_rates(p, y, a[0], c[0], d[0])
+        for j in range(edges.shape[0] - 1):
+            h = g[edges[j + 1]] - g[edges[j]]
+            for q in range(nd):
+                ez, p1, p2 = _factors(a[0, q] * h)
+                maps[j, 0, q] = ez
+                maps[j, 1, q] = h * p1 * c[0, q]
+                maps[j, 2, q] = h * p1
+                maps[j, 3, q] = h * h * p2 * c[0, q]
+            for q in range(nD):
+                dbar[j, q] = d[0, q]
+        return
+    # modal amplitudes of the PK at g[m]: w_q = Σ_k a_k·e^{λ_q (g[m] − t_k)} over the doses
+    # given by then, carried from one grid point to the next (e^{λ_q Δ} kept while Δ repeats)
+    w = np.zeros(nm)
+    eh = np.ones(nm)
+    step = -1.0
+    for m in range(ng):
+        if m > 0:
+            dg = g[m] - g[m - 1]
+            if dg != step:
+                step = dg
                 for q in range(nm):
-                    e = a_d[k] * math.exp(lam[q] * dt)
-                    for r in range(npk):
-                        y[r] += e * unit[q, r]
+                    eh[q] = math.exp(lam[q] * dg)
+            for q in range(nm):
+                w[q] *= eh[q]
+        for k in range(t_d.shape[0]):
+            if a_d[k] > 0.0:
+                dt = g[m] - t_d[k]
+                lo = g[m - 1] - t_d[k] if m > 0 else -1.0
+                if dt >= 0.0 and lo < 0.0:  # given in (g[m − 1], g[m]] (or before g[0])
+                    for q in range(nm):
+                        w[q] += a_d[k] * math.exp(lam[q] * dt)
+        for r in range(npk):
+            acc = 0.0
+            for q in range(nm):
+                acc += w[q] * unit[q, r]
+            y[r] = acc
         driven_rates(p, y, a[m], c[m], d[m])
     for j in range(edges.shape[0] - 1):
         lo, hi = edges[j], edges[j + 1]
@@ -245,59 +287,24 @@ def compose(p, lam, unit, t_d, a_d, g, edges, maps, dbar):
                     np.empty((ng, nd)), np.empty((ng, nd)), np.empty((ng, nD)), np.empty(npk))
 
 
-@njit(cache=True, inline="always")
-def advance_one(pi, xd, xs, mp, db, widths, const, ex, ph1, ph2, out, buf):
-    # one period of one subject: xd (nd,), xs (ns,) updated in place; mp (steps, 4, nd) = α,
-    # β, γ, δ of this period; db (steps, nD); const (ns,) True where a state's own rate a is
-    # constant, with e^{ah}, φ1, φ2 (steps, ns); out (steps, nd + ns); buf scratch
-    nd = xd.shape[0]
-    ns = xs.shape[0]
-    f = buf[:nd]
-    a0 = buf[nd:nd + ns]
-    b0 = buf[nd + ns:nd + 2 * ns]
-    a1 = buf[nd + 2 * ns:nd + 3 * ns]
-    b1 = buf[nd + 3 * ns:nd + 4 * ns]
-    pred = buf[nd + 4 * ns:]
-    for j in range(widths.shape[0]):
-        h = widths[j]
-        for q in range(nd):
-            x0 = xd[q]
-            f[q] = (mp[j, 2, q] * x0 + mp[j, 3, q]) / h
-            xd[q] = mp[j, 0, q] * x0 + mp[j, 1, q]
-            out[j, q] = xd[q]
-        d = db[j]
-        slow_rates(pi, xs, f, d, a0, b0)
-        for q in range(ns):
-            if const[q]:
-                pred[q] = ex[j, q] * xs[q] + h * ph1[j, q] * b0[q]
-            else:
-                ez, p1, p2 = _factors(a0[q] * h)
-                pred[q] = ez * xs[q] + h * p1 * b0[q]
-        slow_rates(pi, pred, f, d, a1, b1)
-        for q in range(ns):
-            if const[q]:
-                xs[q] = ex[j, q] * xs[q] + h * (ph1[j, q] * b0[q] + ph2[j, q] * (b1[q] - b0[q]))
-            else:
-                ez, p1, p2 = _factors(0.5 * (a0[q] + a1[q]) * h)
-                xs[q] = ez * xs[q] + h * (p1 * b0[q] + p2 * (b1[q] - b0[q]))
-            out[j, nd + q] = xs[q]
+{advance_one}
 
 
 @njit(cache=True, parallel=True)
-def advance(p, xd, xs, maps, dbar, widths, const, ex, ph1, ph2, out):
+def advance(p, xd, xs, maps, dbar, widths, co, out):
     # one period for every subject i (prange): p (n, P); xd (n, nd); xs (n, ns);
-    # maps (n, steps, 4, nd); dbar (n, steps, nD); ex, ph1, ph2 (n, steps, ns);
-    # out (n, steps, nd + ns)
+    # maps (n, steps, 4, nd); dbar (n, steps, nD); co (n, steps, K) the step coefficients
+    # (see _advance_source); out (n, steps, nd + ns)
     n, nd = xd.shape
     ns = xs.shape[1]
     for i in prange(n):
-        advance_one(p[i], xd[i], xs[i], maps[i], dbar[i], widths, const, ex[i], ph1[i],
-                    ph2[i], out[i], np.empty(nd + 5 * ns))
+        advance_one(p[i], xd[i], xs[i], maps[i], dbar[i], widths, co[i], out[i],
+                    np.empty(nd + 5 * ns))
 
 
 @njit(cache=True, parallel=True)
-def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, const, ex, ph1, ph2,
-           xd, xs, maps, dbar, loaded, prev, levels, off, level, held, stopped,
+def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, co, xd, xs, maps, dbar,
+           loaded, prev, levels, off, level, held, stopped,
            mon, samples, hold_below, resume_at, rec_cols, acc_col, n_periods,
            rec, low, acc, which, first_resume, period0):
     # n_periods periods for every subject i (prange), the pattern of each chosen by the
@@ -337,8 +344,7 @@ def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, const, ex, ph1,
                 loaded[i] = code
             prev[i] = u
             start = xd[i, mon] if mon < nd else xs[i, mon - nd]
-            advance_one(p[i], xd[i], xs[i], maps[i], dbar[i], widths, const, ex[i], ph1[i],
-                        ph2[i], out, buf)
+            advance_one(p[i], xd[i], xs[i], maps[i], dbar[i], widths, co[i], out, buf)
             lo = start
             s = 0.0
             for k in samples:
@@ -408,7 +414,173 @@ def _kernel_source(model: Model, s: Split) -> tuple[str, list[bool]]:
                                        else f"d[{q - 2 * nd}]") + f" = {e}",
                          _Pow({"fully_qualified_modules": True}))
     src = _KERNEL.replace("{body}", "\n".join(lines) or "    pass")
-    return src.replace("{driven_body}", "\n".join(driven) or "    pass"), const
+    chains = _chains([xs[i] for i in s.slow], a_sl, b_sl, const, variable)
+    printer = _Pow({"fully_qualified_modules": True})
+    pnames = {a: f"pi[{i}]" for i, a in enumerate(args)}
+    slow_syms = {xs[i] for i in s.slow}
+    printer._names = pnames
+    adv, table = _advance_source(a_sl, b_sl, const, chains, slow_syms, printer.doprint)
+    src = src.replace("{advance_one}", adv)
+    return src.replace("{driven_body}", "\n".join(driven) or "    pass"), const, chains, table
+
+
+def _advance_source(a: list[sp.Expr], b: list[sp.Expr], const: list[bool],
+                    chains: list[list[tuple[int, sp.Expr | None]]], slow_syms: set,
+                    code) -> tuple[str, list[tuple]]:
+    """Numba source of one period of one subject (exponential Heun steps, written out per
+    slow state with what its structure allows: a = 0, b = 0, a independent of the slow states
+    (then the predictor's factors are exact for the corrector), transit chains); and the
+    layout of the per-subject step coefficients ``co`` (steps, K) it reads: ("ex"|"p1h"|"p2h",
+    q) = e^{ah}, h·φ1(ah), h·φ2(ah) of a constant a; ("E"|"F1"|"F2", chain, r, s) = entries of
+    e^{Mh}, h·φ1(Mh), h·φ2(Mh) of a chain."""
+    table: list[tuple] = []
+
+    def slot(key: tuple) -> str:
+        table.append(key)
+        return f"c[{len(table) - 1}]"
+
+    ind = " " * 8
+    links, pred, corr = [], [], []
+    member = {q: (c, r) for c, ch in enumerate(chains) for r, (q, _) in enumerate(ch)}
+    for c, ch in enumerate(chains):
+        for r, (_, rate) in enumerate(ch):
+            if rate is not None:
+                links.append(f"    k{c}_{r} = {code(rate)}")
+    for q in range(len(a)):
+        if q in member:
+            c, r = member[q]
+            ch = chains[c]
+            prev = f" - k{c}_{r} * xs[{ch[r - 1][0]}]" if r else ""
+            pred.append(f"{ind}u0_{q} = b0[{q}]{prev}")
+            terms = [f"{slot(('E', c, r, s_))} * xs[{ch[s_][0]}] + "
+                     f"{slot(('F1', c, r, s_))} * u0_{ch[s_][0]}" for s_ in range(r + 1)]
+            pred.append(f"{ind}pred[{q}] = " + " + ".join(terms))
+            prev = f" - k{c}_{r} * pred[{ch[r - 1][0]}]" if r else ""
+            corr.append(f"{ind}v_{q} = b1[{q}]{prev} - u0_{q}")
+            terms = [f"{slot(('F2', c, r, s_))} * v_{ch[s_][0]}" for s_ in range(r + 1)]
+            corr.append(f"{ind}xs[{q}] = pred[{q}] + " + " + ".join(terms))
+        elif const[q] and a[q] == 0:
+            pred.append(f"{ind}pred[{q}] = xs[{q}] + h * b0[{q}]")
+            corr.append(f"{ind}xs[{q}] = xs[{q}] + 0.5 * h * (b0[{q}] + b1[{q}])")
+        elif const[q] and b[q] == 0:
+            e = slot(("ex", q))
+            pred.append(f"{ind}pred[{q}] = {e} * xs[{q}]")
+            corr.append(f"{ind}xs[{q}] = {e} * xs[{q}]")
+        elif const[q]:
+            e, p1, p2 = slot(("ex", q)), slot(("p1h", q)), slot(("p2h", q))
+            pred.append(f"{ind}pred[{q}] = {e} * xs[{q}] + {p1} * b0[{q}]")
+            corr.append(f"{ind}xs[{q}] = {e} * xs[{q}] + {p1} * b0[{q}] + {p2} * (b1[{q}] - "
+                        f"b0[{q}])")
+        elif not (a[q].free_symbols & slow_syms) and b[q] == 0:  # a0 = a1
+            pred.append(f"{ind}e_{q} = math.exp(a0[{q}] * h)")
+            pred.append(f"{ind}pred[{q}] = e_{q} * xs[{q}]")
+            corr.append(f"{ind}xs[{q}] = e_{q} * xs[{q}]")
+        elif not (a[q].free_symbols & slow_syms):
+            pred.append(f"{ind}ez_{q}, p1_{q}, p2_{q} = _factors(a0[{q}] * h)")
+            pred.append(f"{ind}pred[{q}] = ez_{q} * xs[{q}] + h * p1_{q} * b0[{q}]")
+            corr.append(f"{ind}xs[{q}] = ez_{q} * xs[{q}] + h * (p1_{q} * b0[{q}] + p2_{q} * "
+                        f"(b1[{q}] - b0[{q}]))")
+        elif b[q] == 0:
+            pred.append(f"{ind}pred[{q}] = math.exp(a0[{q}] * h) * xs[{q}]")
+            corr.append(f"{ind}xs[{q}] = math.exp(0.5 * (a0[{q}] + a1[{q}]) * h) * xs[{q}]")
+        else:
+            pred.append(f"{ind}ez, p1, p2 = _factors(a0[{q}] * h)")
+            pred.append(f"{ind}pred[{q}] = ez * xs[{q}] + h * p1 * b0[{q}]")
+            corr.append(f"{ind}ez, p1, p2 = _factors(0.5 * (a0[{q}] + a1[{q}]) * h)")
+            corr.append(f"{ind}xs[{q}] = ez * xs[{q}] + h * (p1 * b0[{q}] + p2 * (b1[{q}] - "
+                        f"b0[{q}]))")
+    src = _ADVANCE.replace("{links}", "\n".join(links) or "    pass")
+    src = src.replace("{pred}", "\n".join(pred) or f"{ind}pass")
+    return src.replace("{corr}", "\n".join(corr) or f"{ind}pass"), table
+
+
+_ADVANCE = """@njit(cache=True, inline="always")
+def advance_one(pi, xd, xs, mp, db, widths, co, out, buf):
+    # one period of one subject (generated by _advance_source): xd (nd,), xs (ns,) updated in
+    # place; mp (steps, 4, nd) = α, β, γ, δ of this period; db (steps, nD); co (steps, K);
+    # out (steps, nd + ns); buf scratch (nd + 5·ns)
+    nd = xd.shape[0]
+    ns = xs.shape[0]
+    f = buf[:nd]
+    a0 = buf[nd:nd + ns]
+    b0 = buf[nd + ns:nd + 2 * ns]
+    a1 = buf[nd + 2 * ns:nd + 3 * ns]
+    b1 = buf[nd + 3 * ns:nd + 4 * ns]
+    pred = buf[nd + 4 * ns:nd + 5 * ns]
+{links}
+    for j in range(widths.shape[0]):
+        h = widths[j]
+        for q in range(nd):
+            x0 = xd[q]
+            f[q] = (mp[j, 2, q] * x0 + mp[j, 3, q]) / h
+            xd[q] = mp[j, 0, q] * x0 + mp[j, 1, q]
+            out[j, q] = xd[q]
+        d = db[j]
+        c = co[j]
+        slow_rates(pi, xs, f, d, a0, b0)
+{pred}
+        slow_rates(pi, pred, f, d, a1, b1)
+{corr}
+        for q in range(ns):
+            out[j, nd + q] = xs[q]"""
+
+
+def _chains(x: list[sp.Symbol], a: list[sp.Expr], b: list[sp.Expr], const: list[bool],
+            variable: set) -> list[list[tuple[int, sp.Expr]]]:
+    """Transit chains among the slow states dx/dt = a·x + b: states with the same constant
+    own rate a, each fed by the previous one at a constant rate c (b = c·x_prev + rest, e.g.
+    dT2/dt = k·T1 − k·T2). Their coupling is then solved exactly in each step: with
+    M = a·I + L (L nilpotent, the link rates), f(M·h) = Σ_m f⁽ᵐ⁾(a·h)/m!·(L·h)^m for e^{Mh},
+    φ1 and φ2, the rest of their rates linear in time as for the other states. Returns each
+    chain as [(slow index, link rate from the previous member; None for the first)]."""
+    edges: dict[int, list[tuple[int, sp.Expr]]] = {}  # member → [(feeding member, rate)]
+    for q in range(len(x)):
+        for r in range(len(x)):
+            if q == r or not (const[q] and const[r]) or a[q] == 0:
+                continue
+            if sp.simplify(a[q] - a[r]) != 0:
+                continue
+            c = sp.diff(b[q], x[r])
+            if c != 0 and not (c.free_symbols & variable):
+                edges.setdefault(q, []).append((r, c))
+    feeds: dict[int, list[int]] = {}
+    for q, e in edges.items():
+        for r, _ in e:
+            feeds.setdefault(r, []).append(q)
+    link = {q: e[0] for q, e in edges.items() if len(e) == 1 and len(feeds[e[0][0]]) == 1}
+    nxt = {r: q for q, (r, _) in link.items()}
+    out = []
+    for head in range(len(x)):
+        if head in nxt and head not in link:
+            chain: list[tuple[int, sp.Expr | None]] = [(head, None)]
+            while chain[-1][0] in nxt:
+                q = nxt[chain[-1][0]]
+                chain.append((q, link[q][1]))
+            out.append(chain)
+    return out
+
+
+def _dd_exp(z: np.ndarray, k: int, m: int) -> np.ndarray:
+    """φ_k⁽ᵐ⁾(z)/m! (φ_0 = exp): the divided difference of exp at 0 (k times) and z (m + 1
+    times); by its Taylor series for |z| < 1, else by the divided-difference recursion."""
+    z = np.asarray(z, float)
+    small = np.abs(z) < 1.0
+    zs = np.where(small, z, 0.0)
+    ser = np.zeros_like(z)
+    term_z = np.ones_like(z)
+    for j in range(30):  # Σ_j C(j + m, m) z^j / (j + m + k)!
+        ser += term_z * math.comb(j + m, m) / math.factorial(j + m + k)
+        term_z = term_z * zs
+    zl = np.where(small, 1.0, z)
+    # D[p][q] = exp[0^p, z^q]: D[0][q] = e^z/(q−1)!, D[p][0] = 1/(p−1)!
+    ez = np.exp(zl)
+    D = {(0, q): ez / math.factorial(q - 1) for q in range(1, m + 2)}
+    D.update({(p, 0): np.full_like(z, 1.0 / math.factorial(p - 1)) for p in range(1, k + 1)})
+    for p in range(1, k + 1):
+        for q in range(1, m + 2):
+            D[p, q] = (D[p - 1, q] - D[p, q - 1]) / zl
+    big = D[k, m + 1] if k else ez / math.factorial(m)
+    return np.where(small, ser, big)
 
 
 class PeriodicSolver:
@@ -416,15 +588,16 @@ class PeriodicSolver:
     stepped through periods of ``period`` h, each subject following one of ``patterns`` in
     each period (:meth:`run`).
 
-    Coarse steps are ``step`` h, shorter after each dose of any pattern (ends at
-    ``refine`` h after it), where the drive changes fastest; amounts are returned at the ends
-    of those steps (:attr:`times`, h from the period start).
+    Coarse steps are ``step`` h (default 24), shorter after each dose of any pattern (ends at
+    ``refine`` h after it, default 12), where the drive changes fastest; amounts are returned
+    at the ends of those steps (:attr:`times`, h from the period start). (The defaults were
+    12 h refined at 2 and 6 h before transit chains were solved exactly.)
     """
 
     def __init__(self, model: Model, individual: Mapping[str, np.ndarray],
                  covariates: Mapping[str, np.ndarray], patterns: Sequence[Pattern], *,
-                 period: float = 168.0, step: float = 12.0,
-                 refine: Sequence[float] = (2.0, 6.0), carry_tol: float = 1e-4):
+                 period: float = 168.0, step: float = 24.0,
+                 refine: Sequence[float] = (12.0,), carry_tol: float = 1e-4):
         from ..simulation import _exact_part, _parameter_table, _per_subject
 
         if step <= 0 or period <= 0:
@@ -456,28 +629,19 @@ class PeriodicSolver:
         self.dose_state = model.cmt_numbers[model.default_dose_cmt]
         if model.dosing:
             raise Unsupported(f"{model.name}: F, lag or modelled rates of doses")
-        xs = model.state_symbols
         s = self.sp
         # slow: dx/dt = a·x + b (a, b of slow states, driven states, drivers), compiled
         from .compiled import load_kernel
 
         if "periodic kernel" not in cache:
             cache["periodic kernel"] = _kernel_source(model, s)
-        src, const = cache["periodic kernel"]
+        src, const, chains, table = cache["periodic kernel"]
         self._kernel = load_kernel(src)
         self._const = np.array(const, dtype=np.bool_)
         widths = np.diff(np.r_[0.0, self.times])
         self._widths = widths
-        ns = len(s.slow)
-        ex = np.ones((n, len(widths), ns))
-        ph1, ph2 = np.ones_like(ex), np.full_like(ex, 0.5)
-        for q in np.flatnonzero(self._const):
-            i = s.slow[q]
-            r = s.slow_rates[q]
-            a = model.compile(sp.diff(r, xs[i]))(individual, covariates)
-            z = np.broadcast_to(np.asarray(a, float), (n,))[:, None] * widths[None, :]
-            ex[:, :, q], ph1[:, :, q], ph2[:, :, q] = np.exp(z), phi(z, 1.0), _phi2(z)
-        self._ex, self._ph1, self._ph2 = ex, ph1, ph2
+        self._co = _coefficients(model, individual, covariates, s, const, chains, table,
+                                 widths, n)
         # each subject's maps of its current (previous, this) pattern pair
         self._maps_all = np.full((n, len(widths), 4, len(s.driven)), np.nan)
         self._dbar_all = np.full((n, len(widths), len(s.drivers)), np.nan)
@@ -551,7 +715,7 @@ class PeriodicSolver:
         self._prev = which.copy()
         res = np.empty((n, len(self.times), len(s.driven) + len(s.slow)))
         self._kernel.advance(self._p, self._xd, self._xs, self._maps_all, self._dbar_all,
-                             self._widths, self._const, self._ex, self._ph1, self._ph2, res)
+                             self._widths, self._co, res)
         return res
 
     def run_ladder(self, ladder: Sequence[int], periods: int, *, off: int, monitor: str,
@@ -609,9 +773,9 @@ class PeriodicSolver:
         rec_cols = np.array([col[k] for k in record], dtype=np.int64)
         self._kernel.ladder(
             self._p, np.ascontiguousarray(self.prop.lam), self._unit, pat_t, pat_a,
-            float(self.period), self._g, self._edges, self._widths, self._const, self._ex,
-            self._ph1, self._ph2, self._xd, self._xs, self._maps_all, self._dbar_all,
-            self._loaded, self._prev, levels if len(levels) else np.zeros(1, np.int64),
+            float(self.period), self._g, self._edges, self._widths, self._co, self._xd,
+            self._xs, self._maps_all, self._dbar_all, self._loaded, self._prev,
+            levels if len(levels) else np.zeros(1, np.int64),
             int(off), state.level, state.held, state.stopped, int(col[monitor]),
             idx.astype(np.int64), float(hold_below), float(resume_at), rec_cols,
             int(col[accumulate]) if accumulate else -1, int(periods), rec, low, acc, which,
@@ -631,6 +795,41 @@ class PeriodicSolver:
         out[list(self.sp.driven)] = self._xd.T
         out[list(self.sp.slow)] = self._xs.T
         return out
+
+
+def _coefficients(model: Model, individual, covariates, s: Split, const: list[bool],
+                  chains: list, table: list[tuple], widths: np.ndarray, n: int) -> np.ndarray:
+    """Per-subject step coefficients (n, steps, K) of the generated stepping (layout
+    ``table``, see _advance_source)."""
+    xs = model.state_symbols
+
+    def value(e: sp.Expr) -> np.ndarray:
+        return np.broadcast_to(np.asarray(model.compile(e)(individual, covariates), float),
+                               (n,))
+
+    own = {}  # constant own rates a, (n,)
+    for q in np.flatnonzero(const):
+        i = s.slow[q]
+        a = sp.diff(s.slow_rates[q], xs[i])
+        own[q] = np.zeros(n) if xs[i] in a.free_symbols else value(a)
+    links = {}  # chain → (n, L): link rates into each member (0 for the first)
+    for c, chain in enumerate(chains):
+        links[c] = np.column_stack([np.zeros(n) if rate is None else value(rate)
+                                    for _, rate in chain])
+    co = np.empty((n, len(widths), len(table)))
+    for k, key in enumerate(table):
+        if key[0] in ("ex", "p1h", "p2h"):
+            z = own[key[1]][:, None] * widths[None, :]
+            co[:, :, k] = (np.exp(z) if key[0] == "ex" else widths * (
+                phi(z, 1.0) if key[0] == "p1h" else _phi2(z)))
+        else:  # f(Mh)[r, s] = f⁽ʳ⁻ˢ⁾(ah)/(r − s)!·h^(r−s)·Π links s+1..r, times h for φ1, φ2
+            kind, c, r, s_ = key
+            z = own[chains[c][0][0]][:, None] * widths[None, :]
+            order = {"E": 0, "F1": 1, "F2": 2}[kind]
+            path = np.prod(links[c][:, s_ + 1:r + 1], axis=1)
+            co[:, :, k] = (_dd_exp(z, order, r - s_) * widths ** (r - s_) * path[:, None]
+                           * (widths if order else 1.0))
+    return co
 
 
 def _phi2(z):
