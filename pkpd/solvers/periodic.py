@@ -510,9 +510,10 @@ def advance_one(pi, xd, xs, mp, db, widths, co, out, buf):
 {links}
     for j in range(widths.shape[0]):
         h = widths[j]
+        ih = 1.0 / h
         for q in range(nd):
             x0 = xd[q]
-            f[q] = (mp[j, 2, q] * x0 + mp[j, 3, q]) / h
+            f[q] = (mp[j, 2, q] * x0 + mp[j, 3, q]) * ih
             xd[q] = mp[j, 0, q] * x0 + mp[j, 1, q]
             out[j, q] = xd[q]
         d = db[j]
@@ -816,20 +817,24 @@ def _coefficients(model: Model, individual, covariates, s: Split, const: list[bo
     for c, chain in enumerate(chains):
         links[c] = np.column_stack([np.zeros(n) if rate is None else value(rate)
                                     for _, rate in chain])
-    co = np.empty((n, len(widths), len(table)))
+    w, back = np.unique(widths, return_inverse=True)  # a few distinct step widths
+    co = np.empty((n, len(w), len(table)))
+    dd: dict[tuple, np.ndarray] = {}
     for k, key in enumerate(table):
         if key[0] in ("ex", "p1h", "p2h"):
-            z = own[key[1]][:, None] * widths[None, :]
-            co[:, :, k] = (np.exp(z) if key[0] == "ex" else widths * (
+            z = own[key[1]][:, None] * w[None, :]
+            co[:, :, k] = (np.exp(z) if key[0] == "ex" else w * (
                 phi(z, 1.0) if key[0] == "p1h" else _phi2(z)))
         else:  # f(Mh)[r, s] = f⁽ʳ⁻ˢ⁾(ah)/(r − s)!·h^(r−s)·Π links s+1..r, times h for φ1, φ2
             kind, c, r, s_ = key
-            z = own[chains[c][0][0]][:, None] * widths[None, :]
             order = {"E": 0, "F1": 1, "F2": 2}[kind]
+            if (c, order, r - s_) not in dd:
+                z = own[chains[c][0][0]][:, None] * w[None, :]
+                dd[c, order, r - s_] = _dd_exp(z, order, r - s_) * w ** (r - s_) * (
+                    w if order else 1.0)
             path = np.prod(links[c][:, s_ + 1:r + 1], axis=1)
-            co[:, :, k] = (_dd_exp(z, order, r - s_) * widths ** (r - s_) * path[:, None]
-                           * (widths if order else 1.0))
-    return co
+            co[:, :, k] = dd[c, order, r - s_] * path[:, None]
+    return np.ascontiguousarray(co[:, back])
 
 
 def _phi2(z):
