@@ -93,8 +93,8 @@ class Prior:
 
 @dataclass(frozen=True)
 class Sampler:
-    """NUTS settings; ``engine`` "nutpie", "pymc" or "auto" (default: nutpie for closed-form
-    likelihoods; PyMC's multiprocess NUTS for the compiled sensitivity likelihood of nonlinear
+    """NUTS settings; ``engine`` "nutpie", "pymc" or "auto" (default: nutpie for graph
+    likelihoods, closed form or periodic; PyMC's multiprocess NUTS for the compiled sensitivity likelihood of nonlinear
     models, whose Python-level Op would serialise nutpie's threaded chains)."""
 
     chains: int = 4
@@ -399,10 +399,10 @@ def _engine(b: _Built, s: Sampler) -> Sampler:
     """``engine = "auto"`` resolved for this likelihood (see :class:`Sampler`)."""
     if s.engine != "auto":
         return s
-    from .likelihood import LinearPredictor
+    from .sensitivity import NonlinearPredictor
 
-    return dataclasses.replace(s, engine="nutpie" if isinstance(b.predictor, LinearPredictor)
-                               else "pymc")
+    return dataclasses.replace(s, engine="pymc" if isinstance(b.predictor, NonlinearPredictor)
+                               else "nutpie")
 
 
 def _sample(b: _Built, s: Sampler):
@@ -1112,7 +1112,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         tune = 1000
         seed = 1
         target_accept = 0.8
-        engine = "auto"                   # nutpie (closed form) or pymc (nonlinear)
+        engine = "auto"                   # nutpie (graph likelihoods) or pymc (sensitivities)
 
     BLQ records: a ``CENS`` column (1 = below LLOQ, DV = LLOQ) or ``BLQ``/``BLOQ`` with
     ``LLOQ``; they enter by the M3 method.
@@ -1429,7 +1429,7 @@ def _plot_individual(res: FitResult, n: int = 12, path=None):
     rows = np.flatnonzero(full["EVID"].to_numpy() == 2)
     from .sensitivity import predictor
 
-    lp = predictor(res.model, full, rows=rows, vary=())
+    lp = predictor(res.model, full, rows=rows, vary=(), method="sensitivity")
     fixed_ind = b.predictor.fixed_individual
     if fixed_ind:
         lp.fix_individual(pd.DataFrame({"ID": b.predictor.subject_ids, **fixed_ind}))

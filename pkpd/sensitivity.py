@@ -41,15 +41,28 @@ class SensitivityError(ValueError):
 
 def predictor(model: Model, data: Dataset | pd.DataFrame,
               rows: np.ndarray | Sequence[int] | None = None,
-              vary: Sequence[str] | None = None, outputs: Sequence[str] | None = None):
+              vary: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
+              method: str = "auto"):
     """The likelihood's predictor for ``model``: the closed form
     (:class:`pkpd.likelihood.LinearPredictor`) for linear models whose blocks have ≤ 3
-    states, else :class:`NonlinearPredictor` (compiled forward sensitivities)."""
+    states; else, with ``method="auto"``, the periodic graph
+    (:class:`pkpd.periodic_likelihood.PeriodicPredictor`) when every subject's doses repeat
+    regularly and the model has its structure, and otherwise (or with
+    ``method="sensitivity"``) :class:`NonlinearPredictor` (compiled forward sensitivities)."""
     from .likelihood import LinearPredictor
+    from .periodic_likelihood import PeriodicPredictor
+    from .solvers.periodic import Unsupported
 
+    if method not in ("auto", "sensitivity"):
+        raise ValueError(f"method must be 'auto' or 'sensitivity', got {method!r}")
     lin = model.linear
     if lin is not None and lin.closed_form:
         return LinearPredictor(model, data, rows=rows)
+    if method == "auto":
+        try:
+            return PeriodicPredictor(model, data, rows=rows)
+        except Unsupported:
+            pass
     return NonlinearPredictor(model, data, rows=rows, vary=vary, outputs=outputs, rtol=1e-4,
                               atol=1e-8)
 

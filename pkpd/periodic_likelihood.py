@@ -1,0 +1,501 @@
+"""Predictions of PK-driven nonlinear models under regular dosing as ONE PyTensor graph.
+
+For the likelihood of models such as PK → covalent XPO1 binding → M-spike over years of
+weekly dosing, without an ODE solver in the sampler. The model's states are grouped as in
+:func:`pkpd.solvers.periodic.split`: PK (closed form), **driven** states (rate affine in
+themselves with PK-dependent coefficients, e.g. dB/dt = k(CP)·(1 − B) − k_out·B) and **slow**
+states. Each subject's doses must repeat with a period P (e.g. 40 mg every 168 h; any
+pattern of bolus doses within the period, e.g. days 1 and 3 every week), observations must
+fall within the dosing periods, and the slow states must form a chain that is solved
+exactly or nearly so:
+
+    dX_i/dt = c_i·X_i + s_i,
+
+c_i affine in the driven states and "drivers" (PK-only terms such as CP/(EC50 + CP)) with
+parameter coefficients, s_i a function of the slow states before X_i only (e.g. clone
+dSENS/dt = (KG − KKILL·B)·SENS, M-protein dM/dt = KSYN·(SENS + RES) − KEL·M).
+
+How it is computed (every step below is elementwise over subjects, cumulative sums and a
+log-depth prefix composition of affine maps, so the graph has no loop over time and NUTS
+gets exact gradients):
+
+1. **PK** on a fine grid within the period (0.1 h for 6 h after each dose, then coarser; see
+   :func:`pkpd.solvers.periodic._grid`), in closed form, once without and once with the
+   doses of all earlier periods (geometric sums): the first period, and every later one.
+2. **Driven states** over each fine step with their coefficients at the step midpoint: the
+   exact solution x → e^{z}·x + α·h·φ₁(z), z = β·h, and its integral over the step, both
+   affine in the state at the period start. Composed over the period (prefix scan), one
+   period is an affine map x → A·x + b, so the state at the start of period n is a geometric
+   sum in closed form, and so is its running integral.
+3. **Slow states** on a coarse grid (``step`` h, default 84 h, plus the times within the
+   period of the observations that need them): one exponential step per interval, exact
+   for c_i given the exact integrals of the driven states and drivers from 2., with s_i
+   linear in time between grid points (exact when s_i ≡ 0, as for a clone under kill);
+   composed over the years by the same prefix scan.
+
+Assumed and checked at the model file's typical values: what is left of a period's doses in
+the PK compartments one period later is below ``carry_tol`` (the steady geometric sum is
+then exact to that order from the second period on). Accuracy against the error-controlled
+reference (scipy Radau/LSODA via :func:`pkpd.simulate` with ``method="ode"``) is tested in
+``tests/test_periodic_likelihood.py``. :class:`pkpd.solvers.periodic.Unsupported` is raised
+for models and data sets outside this structure; :func:`pkpd.sensitivity.predictor` then
+uses the compiled forward sensitivities instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytensor.tensor as pt
+import sympy as sp
+
+from .dataset import Dataset, for_model
+from .likelihood import LinearPredictor, SubjectParameters, _covariant_entries, _id, to_pytensor
+from .model import TIME, Model
+from .solvers.linear import block_eigenvalues
+from .solvers.periodic import Unsupported, _grid, split
+
+__all__ = ["PeriodicPredictor", "affine_scan", "phi1", "phi2"]
+
+
+# ------------------------------------------------------------------------------- kernels
+def phi1(z, xp=pt):
+    """(e^z − 1)/z, 1 at z = 0 (numpy or PyTensor via ``xp``)."""
+    big = xp.abs(z) > 1e-8
+    safe = xp.where(big, z, 1.0)
+    return xp.where(big, xp.expm1(safe) / safe, 1.0 + 0.5 * z)
+
+
+def phi2(z, xp=pt):
+    """(e^z − 1 − z)/z², 1/2 at z = 0."""
+    big = xp.abs(z) > 1e-3
+    safe = xp.where(big, z, 1.0)
+    return xp.where(big, (xp.expm1(safe) - safe) / safe ** 2, 0.5 + z / 6.0 + z * z / 24.0)
+
+
+def affine_scan(A, b, n: int, xp=pt):
+    """Inclusive prefix composition along the last axis (length ``n``) of the affine maps
+    x → A_j·x + b_j: returns (P_j, Q_j) with x_{j+1} = P_j·x_0 + Q_j. Log-depth
+    (Hillis–Steele), so the graph has ⌈log₂ n⌉ elementwise stages and no loop."""
+    s = 1
+    while s < n:
+        lead = A[..., :s]
+        A_prev = xp.concatenate([xp.ones_like(lead), A[..., :-s]], axis=-1)
+        b_prev = xp.concatenate([xp.zeros_like(lead), b[..., :-s]], axis=-1)
+        b = A * b_prev + b
+        A = A * A_prev
+        s *= 2
+    return A, b
+
+
+# ------------------------------------------------------------------------------- structure
+@dataclass(frozen=True)
+class _Slow:
+    index: int                 # model state index
+    c: sp.Expr                 # own rate coefficient (drivers/driven states as symbols)
+    s: sp.Expr                 # source (earlier slow states, parameters)
+
+
+def _chain(model: Model, sp_split) -> list[_Slow]:
+    """The slow states as a chain dX/dt = c·X + s in solving order (see the module
+    docstring); :class:`Unsupported` otherwise."""
+    xs = model.state_symbols
+    slow_syms = {xs[i] for i in sp_split.slow}
+    fast = set(sp_split.driver_symbols) | {xs[i] for i in sp_split.driven}
+    parts = {}
+    for i, r in zip(sp_split.slow, sp_split.slow_rates, strict=True):
+        x = xs[i]
+        c = sp.expand(sp.diff(r, x))
+        if c.free_symbols & slow_syms:
+            raise Unsupported(f"{model.name}: the rate of {model.states[i]} is not linear in "
+                              f"{model.states[i]} with a coefficient free of slow states")
+        s = sp.simplify(r - c * x)
+        if s.free_symbols & fast or x in s.free_symbols:
+            raise Unsupported(f"{model.name}: the rate of {model.states[i]} has a source term "
+                              "that depends on PK-driven terms")
+        parts[i] = _Slow(i, c, s)
+    order: list[_Slow] = []
+    done: set = set()
+    while len(order) < len(parts):
+        ready = [p for i, p in parts.items() if i not in done
+                 and (p.s.free_symbols & slow_syms) <= {xs[j] for j in done}]
+        if not ready:
+            raise Unsupported(f"{model.name}: the slow states are coupled both ways (not a "
+                              "chain)")
+        for p in ready:
+            order.append(p)
+            done.add(p.index)
+    return order
+
+
+def _pattern(t: np.ndarray, a: np.ndarray, c: np.ndarray) -> tuple[int, float | None]:
+    """Smallest q such that the dose sequence repeats every q doses with a constant period P
+    (the same amounts and compartments; the last period may stop early): (q, P), or
+    (len(t), None) if it never does."""
+    m = len(t)
+    for q in range(1, m):
+        P = t[q] - t[0]
+        if (P > 0 and np.allclose(t[q:] - t[:-q], P, rtol=0, atol=1e-6)
+                and np.array_equal(a[q:], a[:-q]) and np.array_equal(c[q:], c[:-q])
+                and t[q - 1] - t[0] < P):
+            return q, float(P)
+    return m, None
+
+
+# ------------------------------------------------------------------------------- predictor
+class PeriodicPredictor(SubjectParameters):
+    """Outputs of a PK-driven nonlinear model at chosen records of a NONMEM data set in which
+    each subject's bolus doses repeat with a period (see the module docstring).
+
+    Same interface as :class:`pkpd.likelihood.LinearPredictor`: parameters per subject
+    (vectors of length ``n_subjects``, subjects in order of first appearance of ID);
+    :meth:`predict` returns PyTensor vectors at ``rows`` (default: every EVID 0 record).
+    Outputs that need the driven or slow states are exact only at ``state_rows`` (default:
+    all ``rows``; elsewhere they take the states of the grid point before, so pass the rows of
+    PK-only endpoints such as CP outside it to save grid points). ``step`` (h) is the
+    longest step of the slow states.
+    """
+
+    compile = LinearPredictor.compile
+
+    def __init__(self, model: Model, data: Dataset | pd.DataFrame,
+                 rows: np.ndarray | Sequence[int] | None = None, *,
+                 state_rows: np.ndarray | Sequence[int] | None = None, step: float = 84.0,
+                 carry_tol: float = 1e-4):
+        if model.dosing:
+            raise Unsupported(f"{model.name}: F, lag or modelled rates of doses")
+        self.model = model
+        self.split = split(model)
+        self.chain = _chain(model, self.split)
+        ds = for_model(data, model)
+        self.dataset = ds
+        df = ds.data
+        ids = df["ID"].to_numpy()
+        first = np.r_[True, ids[1:] != ids[:-1]]
+        subject = np.cumsum(first) - 1
+        S = self.n_subjects = int(subject[-1]) + 1
+        self.subject_ids = ids[first]
+        col = {k: df[k].to_numpy(dtype=float) for k in
+               ("TIME", "EVID", "AMT", "CMT", "RATE", "II", "ADDL", "SS")}
+        evid = col["EVID"].astype(int)
+        where = ds.source
+        if np.any((evid == 3) | (evid == 4)):
+            raise Unsupported(f"{where}: resets (EVID 3/4)")
+        dose = (evid == 1) & (col["AMT"] != 0)
+        if np.any(dose & (col["RATE"] != 0)):
+            raise Unsupported(f"{where}: infusions (RATE ≠ 0)")
+        if np.any(dose & (col["SS"] > 0)):
+            raise Unsupported(f"{where}: steady-state dose records (SS)")
+        rows = np.flatnonzero(evid == 0) if rows is None else np.asarray(rows, dtype=int)
+        self.rows = rows
+        used = set().union(*(e.free_symbols for e in model.odes.values()),
+                           *(c.init.free_symbols for c in model.compartments))
+        for k in model.covariates:
+            if sp.Symbol(k, real=True) in used:
+                v = df[k].to_numpy(dtype=float)
+                if np.any(v != v[first][subject]):
+                    raise Unsupported(f"{where}: covariate {k} changes within a subject")
+        self._cov_sub = {k: df[k].to_numpy(dtype=float)[first] for k in model.covariates}
+        self._cov_rec = {k: df[k].to_numpy(dtype=float)[rows] for k in model.covariates}
+        pk = self.split.pk
+        c_no = col["CMT"].astype(int)
+        c_no = np.where(c_no == 0, model.default_dose_cmt, c_no)
+        st = np.array([model.cmt_numbers.get(int(x), -1) for x in c_no])
+        if np.any(dose & ~np.isin(st, pk)):
+            raise Unsupported(f"{where}: doses into a compartment outside the PK part")
+
+        # dose instances (ADDL copies expanded), per subject -----------------------------
+        time = col["TIME"]
+        row_t, row_sub = time[rows], subject[rows]
+        inst: list[list[tuple[float, float, int, int]]] = [[] for _ in range(S)]
+        for r in np.flatnonzero(dose):
+            ii, addl = col["II"][r], int(col["ADDL"][r])
+            copies = addl + 1 if ii > 0 else 1
+            last = max(row_t[row_sub == subject[r]].max(initial=time[r]), time[r])
+            for k in range(copies):
+                if k and time[r] + k * ii > last + 1e-9:  # seen by no record
+                    break
+                inst[subject[r]].append((time[r] + k * ii, col["AMT"][r], st[r], r))
+        for lst in inst:
+            lst.sort(key=lambda x: (x[0], x[3]))
+        sub_first_t = time[first]
+        periods, offsets, t0s, counts = [], [], [], []
+        for s_ in range(S):
+            lst = inst[s_]
+            t_end = max(row_t[row_sub == s_].max(initial=sub_first_t[s_]), sub_first_t[s_])
+            if lst:
+                t = np.array([x[0] for x in lst])
+                a = np.array([x[1] for x in lst])
+                c = np.array([x[2] for x in lst])
+                t0 = t[0]
+                if sub_first_t[s_] < t0 - 1e-9:
+                    raise Unsupported(f"{where}: ID {_id(self.subject_ids[s_])} has records before "
+                                      "its first dose")
+                q, P = _pattern(t, a, c)
+                if q > 8:
+                    raise Unsupported(f"{where}: ID {_id(self.subject_ids[s_])}: the doses do not "
+                                      "repeat with a constant period (in patterns of ≤ 8)")
+                if P is None:  # a few doses without repetition: one period spanning it all
+                    q, P = len(t), max(t_end - t0, t[-1] - t0 + 1.0)
+                n_per = -(-len(t) // q)
+                if len(t) % q and t0 + (n_per - 1) * P + t[len(t) % q] - t0 <= t_end:
+                    raise Unsupported(f"{where}: ID {_id(self.subject_ids[s_])}: the last dosing "
+                                      "period stops early")
+                if t_end > t0 + n_per * P + 1e-6:
+                    raise Unsupported(f"{where}: ID {_id(self.subject_ids[s_])} has records after "
+                                      "its last dosing period")
+                periods.append(P)
+                offsets.append((t[:q] - t0, a[:q], c[:q]))
+                counts.append(n_per)
+            else:
+                t0 = sub_first_t[s_]
+                periods.append(max(t_end - t0, 1.0))
+                offsets.append((np.zeros(0), np.zeros(0), np.zeros(0, int)))
+                counts.append(1)
+            t0s.append(t0)
+        self._P = np.array(periods)
+        self._N = np.array(counts)
+        t0s = np.array(t0s)
+        self._check_carry(carry_tol)
+
+        # per-subject grids within the period, padded to common lengths -------------------
+        exact = np.ones(len(rows), bool) if state_rows is None else np.isin(rows, state_rows)
+        rel = row_t - t0s[row_sub]
+        n_row = np.floor(rel / self._P[row_sub] + 1e-9).astype(int)
+        tau = np.round(rel - n_row * self._P[row_sub], 9)
+        wrap = tau >= self._P[row_sub] - 1e-9
+        n_row, tau = np.where(wrap, n_row + 1, n_row), np.where(wrap, 0.0, tau)
+        coarse, fine = [], []
+        for s_ in range(S):
+            P = self._P[s_]
+            cs = np.unique(np.round(np.r_[0.0, np.arange(step, P - 1e-9, step),
+                                          tau[(row_sub == s_) & exact]], 9))
+            coarse.append(cs)
+            fine.append(_grid(list(offsets[s_][0]), np.r_[cs, P]))
+        G = max(len(c) for c in coarse)
+        K = max(len(f) for f in fine) - 1
+        Nmax = int(self._N.max())
+        self._G, self._K, self._Nmax = G, K, Nmax
+        cpad = np.array([np.r_[c, np.full(G - len(c), c[-1])] for c in coarse])  # (S, G)
+        fpad = np.array([np.r_[f, np.full(K + 1 - len(f), f[-1])] for f in fine])  # (S, K+1)
+        self._h = np.diff(fpad, axis=1)  # (S, K), 0 on padding
+        self._mid = 0.5 * (fpad[:, 1:] + fpad[:, :-1])
+        self._ci = np.array([np.searchsorted(f, c) for f, c in zip(fpad, cpad, strict=True)])
+        # coarse times of the slow chain, (S, Nmax·G + 1), from each subject's first dose
+        tc = (np.arange(Nmax)[None, :, None] * self._P[:, None, None] + cpad[:, None, :])
+        self._tc = np.concatenate([tc.reshape(S, Nmax * G), (Nmax * self._P)[:, None]], axis=1)
+        self._hc = np.diff(self._tc, axis=1)
+        g_row = np.array([int(np.searchsorted(coarse[s_], tau[j] + 1e-9, side="right")) - 1
+                          for j, s_ in enumerate(row_sub)], dtype=int)
+        self._row_index = np.where(n_row >= Nmax, Nmax * G, n_row * G + g_row)
+        self.out_subject, self.out_time = row_sub, row_t
+        # pattern doses within the period (S, Q), amount 0 on padding
+        Q = max(max(len(o[0]) for o in offsets), 1)
+        self._pt = np.zeros((S, Q))
+        self._pa = np.zeros((S, Q))
+        self._ps = np.full((S, Q), pk[0])
+        for s_, (t, a, c) in enumerate(offsets):
+            self._pt[s_, :len(t)], self._pa[s_, :len(t)], self._ps[s_, :len(t)] = t, a, c
+        # the PK at the output records (NONMEM order: a dose at the record's time counts if
+        # its record comes first): per pattern dose, how many of its repeats the record has
+        # seen and how long ago the latest was; the repeats are a geometric sum
+        self._row_cnt = np.zeros((len(rows), Q))
+        self._row_lag = np.zeros((len(rows), Q))
+        for s_, lst in enumerate(inst):
+            here = np.flatnonzero(row_sub == s_)
+            if not lst or not len(here):
+                continue
+            q = len(offsets[s_][0])
+            t = np.array([x[0] for x in lst])
+            r = np.array([x[3] for x in lst])
+            delta = row_t[here, None] - t[None, :]
+            on = (delta > 1e-12) | ((np.abs(delta) <= 1e-12) & (rows[here, None] >= r[None, :]))
+            pos = np.arange(len(t)) % q
+            for j in range(q):
+                m = on & (pos == j)[None, :]
+                self._row_cnt[here, j] = m.sum(axis=1)
+                self._row_lag[here, j] = np.where(m, delta, np.inf).min(axis=1, initial=np.inf)
+        self._row_lag[self._row_cnt == 0] = 0.0
+
+    def _check_carry(self, tol: float) -> None:
+        """What is left of a dose one period later, at the model's typical values."""
+        s = self.split
+        idx, lin = self.model.linear_part
+        typ = self.individual_typical()
+        A = np.zeros((self.n_subjects, len(idx), len(idx)))
+        for i in range(len(idx)):
+            for j in range(len(idx)):
+                if lin.A[i, j] != 0:
+                    A[:, i, j] = self.model.compile(lin.A[i, j])(typ, self._cov_sub)
+        slowest = np.linalg.eigvals(A).real.max(axis=1)
+        left = np.exp(slowest * self._P)
+        bad = (self._N > 1) & (left > tol)
+        if np.any(bad):
+            j = int(np.flatnonzero(bad)[0])
+            raise Unsupported(f"{left[j]:.1e} of a dose is left in the PK compartments one "
+                              f"{self._P[j]:g}-h period later (above {tol:g}; ID "
+                              f"{_id(self.subject_ids[j])}): periods are not independent")
+        del s
+
+    # -- graph -------------------------------------------------------------------------
+    def predict(self, params: Mapping[str, object], outputs: Sequence[str] | None = None
+                ) -> dict[str, pt.TensorVariable]:
+        """Model outputs at the output rows, given individual parameters (each a vector of
+        length ``n_subjects`` or a scalar)."""
+        model, s = self.model, self.split
+        S, K, G, Nmax = self.n_subjects, self._K, self._G, self._Nmax
+        xs = model.state_symbols
+        par = {k: pt.as_tensor_variable(params[k]) * pt.ones(S) for k in model.parameters}
+        env_s = {sp.Symbol(k, real=True): v for k, v in par.items()}
+        env_s.update({sp.Symbol(k, real=True): pt.as_tensor_variable(v)
+                      for k, v in self._cov_sub.items()})
+        col = {k: v[:, None] for k, v in env_s.items()}  # (S, 1) against (S, ·)
+
+        # PK: eigenvalues and covariant weights of the closed form ------------------------
+        idx, lin = model.linear_part
+        n = len(idx)
+        zero = pt.zeros(S)
+        entries = [[to_pytensor(lin.A[i, j], env_s) * pt.ones(S) if lin.A[i, j] != 0 else 0.0
+                    for j in range(n)] for i in range(n)]
+        Am = pt.stack([pt.stack([zero if isinstance(x, float) else x for x in row], axis=-1)
+                       for row in entries], axis=-2)
+        lam = block_eigenvalues(Am, lin.blocks, xp=pt)  # (S, n)
+        lam_list = [lam[:, i] for i in range(n)]
+        need_pk = set().union(*(model.odes[model.states[i]].free_symbols for i in s.driven),
+                              *(e.free_symbols for e in s.drivers))
+        w = {}  # (a, dose state) → (S, n)
+        dose_states = [int(c) for c in np.unique(self._ps)]
+        for a in range(n):
+            for c in dose_states:
+                w[a, c] = pt.stack([x * pt.ones(S) for x in _covariant_entries(
+                    entries, lam_list, a, idx.index(int(c)))], axis=-1)
+
+        # PK at the fine midpoints, version 0 (first period: its own doses) and version 1
+        # (later periods: all earlier periods' doses too, a geometric sum), (2, S, K)
+        pk_needed = [a for a in range(n) if xs[idx[a]] in need_pk]
+        lag = self._mid[:, :, None] - self._pt[:, None, :]  # (S, K, Q)
+        after = lag > 0
+        dt = np.stack([np.where(after, lag, 0.0), np.where(after, lag, lag + self._P[:, None,
+                                                                                     None])])
+        on = np.stack([after, np.ones_like(after)])  # (2, S, K, Q)
+        e = pt.exp(lam[None, :, None, None, :] * dt[..., None])  # (2, S, K, Q, n)
+        geo = pt.stack([pt.ones_like(lam), -1.0 / pt.expm1(lam * self._P[:, None])])
+        e = e * geo[:, :, None, None, :]
+        pk_fine = {}
+        for a in pk_needed:
+            acc = 0.0
+            for c in dose_states:
+                m = (self._ps[None, :, None, :] == c) & on
+                if m.any():
+                    acc = acc + ((pt.switch(m[..., None], e, 0.0)
+                                  * w[a, c][None, :, None, None, :]).sum(-1)
+                                 * self._pa[None, :, None, :]).sum(-1)
+            pk_fine[xs[idx[a]]] = acc * pt.ones((2, S, K))
+        h = self._h
+        ci = self._ci
+        rows_s = np.arange(S)[:, None]
+
+        def at_coarse(y):
+            """(2, S, K+1) → at the coarse offsets (2, S, G) and the period end (2, S)."""
+            return y[:, rows_s, ci], y[:, :, -1]
+
+        # driven states over one period (both versions), then over the periods -------------
+        driven_coarse, driven_cum = {}, {}
+        zeros = pt.zeros((2, S, 1))
+        for i in s.driven:
+            x = xs[i]
+            f = model.odes[model.states[i]]
+            env = {**col, **pk_fine}
+            alpha = to_pytensor(f.subs(x, 0), env) * pt.ones((2, S, K))
+            z = to_pytensor(sp.diff(f, x), env) * h
+            p1 = phi1(z)
+            Pf, Qf = affine_scan(pt.exp(z), alpha * h * p1, K)
+            Pf = pt.concatenate([zeros + 1.0, Pf], axis=-1)  # x(τ_j) = P·x(0) + Q
+            Qf = pt.concatenate([zeros, Qf], axis=-1)
+            Uf = pt.concatenate([zeros, pt.cumsum(Pf[..., :-1] * h * p1, axis=-1)], axis=-1)
+            Vf = pt.concatenate([zeros, pt.cumsum(Qf[..., :-1] * h * p1 + alpha * h * h
+                                                  * phi2(z), axis=-1)], axis=-1)
+            (Pc, Pe), (Qc, Qe), (Uc, Ue), (Vc, Ve) = map(at_coarse, (Pf, Qf, Uf, Vf))
+            L1 = z[1].sum(axis=-1)  # log of the steady period's multiplier
+            x0 = to_pytensor(model.compartments[i].init, env_s) * pt.ones(S)
+            pw = pt.exp(L1[:, None] * np.arange(Nmax)[None, :])  # A1^k, (S, Nmax)
+            gs = pt.concatenate([pt.zeros((S, 1)), pt.cumsum(pw, axis=1)[:, :-1]], axis=1)
+            x1 = Pe[0] * x0 + Qe[0]
+            starts = pt.concatenate([x0[:, None], pw * x1[:, None] + gs * Qe[1][:, None]],
+                                    axis=1)  # x at the start of periods 0…Nmax, (S, Nmax+1)
+            whole = pt.concatenate([(Ue[0] * x0 + Ve[0])[:, None],
+                                    Ue[1][:, None] * starts[:, 1:Nmax] + Ve[1][:, None]], axis=1)
+            cw = pt.concatenate([pt.zeros((S, 1)), pt.cumsum(whole, axis=1)], axis=1)
+            xs_n = starts[:, 1:Nmax, None]
+            val = pt.concatenate([(Pc[0] * x0[:, None] + Qc[0])[:, None, :],
+                                  Pc[1][:, None, :] * xs_n + Qc[1][:, None, :]], axis=1)
+            cum = pt.concatenate([(Uc[0] * x0[:, None] + Vc[0])[:, None, :],
+                                  Uc[1][:, None, :] * xs_n + Vc[1][:, None, :]], axis=1)
+            cum = cum + cw[:, :Nmax, None]
+            driven_coarse[x] = pt.concatenate([val.reshape((S, Nmax * G)),
+                                               starts[:, Nmax:]], axis=1)
+            driven_cum[x] = pt.concatenate([cum.reshape((S, Nmax * G)), cw[:, Nmax:]], axis=1)
+
+        # drivers: running integrals at the coarse points --------------------------------
+        nn = np.arange(1, Nmax)[None, :, None]
+        for dsym, expr in zip(s.driver_symbols, s.drivers, strict=True):
+            val = to_pytensor(expr, {**col, **pk_fine}) * pt.ones((2, S, K))
+            C, E = at_coarse(pt.concatenate([zeros, pt.cumsum(val * h, axis=-1)], axis=-1))
+            cum = pt.concatenate([C[0][:, None, :], E[0][:, None, None] + (nn - 1)
+                                  * E[1][:, None, None] + C[1][:, None, :]], axis=1)
+            driven_cum[dsym] = pt.concatenate([cum.reshape((S, Nmax * G)),
+                                               (E[0] + (Nmax - 1) * E[1])[:, None]], axis=1)
+
+        # slow chain on the coarse grid --------------------------------------------------
+        T = Nmax * G
+        hc = self._hc
+        incr = {u: c[:, 1:] - c[:, :-1] for u, c in driven_cum.items()}
+        slow_vals = {}
+        for part in self.chain:
+            c_e = part.c
+            fast = [u for u in incr if u in c_e.free_symbols]
+            z = to_pytensor(c_e.subs({u: 0 for u in fast}), col) * hc
+            for u in fast:
+                z = z + to_pytensor(sp.diff(c_e, u), col) * incr[u]
+            x0 = to_pytensor(model.compartments[part.index].init, env_s) * pt.ones(S)
+            if part.s == 0:
+                cz = pt.cumsum(z, axis=1)
+                vals = x0[:, None] * pt.exp(pt.concatenate([pt.zeros((S, 1)), cz], axis=1))
+            else:
+                src = to_pytensor(part.s, {**col, **slow_vals}) * pt.ones((S, T + 1))
+                p1, p2 = phi1(z), phi2(z)
+                b = hc * (src[:, :-1] * (p1 - p2) + src[:, 1:] * p2)
+                Pc, Qc = affine_scan(pt.exp(z), b, T)
+                vals = pt.concatenate([x0[:, None], Pc * x0[:, None] + Qc], axis=1)
+            slow_vals[xs[part.index]] = vals
+
+        # outputs at the rows -------------------------------------------------------------
+        sub = self.out_subject
+        flat = sub * (T + 1) + self._row_index
+        env = {k: v[sub] for k, v in env_s.items() if k.name in model.parameters}
+        env.update({sp.Symbol(k, real=True): pt.as_tensor_variable(v)
+                    for k, v in self._cov_rec.items()})
+        for x, v in {**driven_coarse, **slow_vals}.items():
+            env[x] = v.reshape((S * (T + 1),))[flat]
+        names = list(model.outputs) if outputs is None else list(outputs)
+        need = set().union(*(model.outputs[k].expr.free_symbols for k in names))
+        pk_out = [a for a in range(n) if xs[idx[a]] in need]
+        if pk_out:
+            lam_r = lam[sub][:, None, :]  # (R, 1, n)
+            P_r = self._P[sub][:, None, None]
+            geo = pt.expm1(lam_r * P_r * self._row_cnt[..., None]) / pt.expm1(lam_r * P_r)
+            e = pt.exp(lam_r * self._row_lag[..., None]) * geo  # (R, Q, n)
+            amt = self._pa[sub] * (self._row_cnt > 0)
+            for a in pk_out:
+                acc = 0.0
+                for c in dose_states:
+                    m = self._ps[sub] == c
+                    if m.any():
+                        acc = acc + ((e * w[a, c][sub][:, None, :]).sum(-1)
+                                     * np.where(m, amt, 0.0)).sum(-1)
+                env[xs[idx[a]]] = acc * pt.ones(len(sub))
+        env[TIME] = pt.as_tensor_variable(self.out_time)
+        return {k: to_pytensor(model.outputs[k].expr, env) * pt.ones(len(sub)) for k in names}
