@@ -165,6 +165,22 @@ def _run(regimen, risk, n, years, seed, population, model, theta, progress, engi
     return TrialResult(patients, summary, weeks, weekly["MSPIKE"], weekly["PLT"])
 
 
+def _take(d: Mapping[str, np.ndarray], rows: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    return {k: np.broadcast_to(np.asarray(v), (n,))[rows] for k, v in d.items()}
+
+
+def _merge(n: int, rows: np.ndarray, a: tuple, b: tuple) -> tuple:
+    """The per-patient results of _weeks_* for patients ``rows`` (a) and the others (b)."""
+    def put(x, y):
+        if isinstance(x, dict):
+            return {k: put(x[k], y[k]) for k in x}
+        out = np.empty((n, *x.shape[1:]), dtype=np.result_type(x, y))
+        out[rows], out[~rows] = x, y
+        return out
+
+    return tuple(put(x, y) for x, y in zip(a, b, strict=True))
+
+
 def _weeks_ode(m, ind, covs, ladder, n, n_weeks, progress):
     """The weekly loop with the label's dose modification on the compiled ODE solver."""
     course = Course(m, ind, covs, rtol=1e-4, atol=1e-8)
@@ -226,9 +242,19 @@ def _weeks_ode(m, ind, covs, ladder, n, n_weeks, progress):
 def _weeks_periodic(m, ind, covs, ladder, n, n_weeks, progress):
     """The same loop on the periodic solver: the weekly decisions run inside its compiled
     per-patient loop (:meth:`PeriodicSolver.run_ladder`), in parts of a few weeks when
-    ``progress`` is reported."""
+    ``progress`` is reported. Patients whose doses do not die out within two weeks (the
+    solver's assumption; e.g. a very low clearance) are simulated with the ode engine."""
     patterns = [Pattern(offsets, (dose,) * len(offsets)) for dose, offsets in ladder]
     solver = PeriodicSolver(m, ind, covs, [*patterns, Pattern()], period=WEEK)
+    ok = solver.independent()
+    if not ok.all():
+        if not ok.any():
+            solver._check_carry(*solver._doses(np.full(n, -1), np.zeros(n, int)),
+                                np.arange(n))  # raises Unsupported: all patients
+        return _merge(n, ok, _weeks_periodic(m, _take(ind, ok, n), _take(covs, ok, n), ladder,
+                                             int(ok.sum()), n_weeks, progress),
+                      _weeks_ode(m, _take(ind, ~ok, n), _take(covs, ~ok, n), ladder,
+                                 int((~ok).sum()), n_weeks, None))
     first = dict(zip(m.states, solver.x, strict=True))
     record = ("MPROT", "FLC", *HAZARDS)
     rec = np.empty((n, n_weeks + 1, len(record)))

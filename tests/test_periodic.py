@@ -139,3 +139,28 @@ def test_trial_engines_agree(regimen):
     # M-spike courses within 2 %, except where a dose decision went the other way (≤ 1 %)
     off = (np.abs(b.mspike / a.mspike - 1) > 0.02).any(axis=1)
     assert off.mean() <= 0.01, off.sum()
+
+
+def test_patients_outside_the_periodic_assumption_use_the_ode_engine():
+    """A patient whose doses do not die out within two weeks (here a clearance of 0.5 L/h)
+    is simulated with the ode engine, the others with the periodic one (no fallback of the
+    whole trial): each patient's results are those of the engine used for them."""
+    import warnings
+
+    n = 30
+    cl = np.full(n, 17.9)
+    cl[5] = 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "periodic engine does not apply" warning
+        mixed = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": cl})
+    normal = cl.copy()
+    normal[5] = 17.9
+    periodic = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": normal})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ode = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": cl}, engine="ode")
+    rest = np.arange(n) != 5
+    assert mixed.patients[rest].equals(periodic.patients[rest])
+    np.testing.assert_array_equal(mixed.mspike[rest], periodic.mspike[rest])
+    assert mixed.patients.iloc[5].equals(ode.patients.iloc[5])
+    np.testing.assert_array_equal(mixed.platelets[5], ode.platelets[5])
