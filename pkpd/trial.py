@@ -242,10 +242,11 @@ def _weeks_ode(m, ind, covs, ladder, n, n_weeks, progress):
 def _weeks_periodic(m, ind, covs, ladder, n, n_weeks, progress):
     """The same loop on the periodic solver: the weekly decisions run inside its compiled
     per-patient loop (:meth:`PeriodicSolver.run_ladder`), in parts of a few weeks when
-    ``progress`` is reported. Patients whose doses do not die out within two weeks (the
-    solver's assumption; e.g. a very low clearance) are simulated with the ode engine."""
+    ``progress`` is reported. The maps follow the doses of up to 3 earlier weeks as the
+    slowest patient's elimination needs; patients whose doses do not die out even then (e.g.
+    a very low clearance) are simulated with the ode engine."""
     patterns = [Pattern(offsets, (dose,) * len(offsets)) for dose, offsets in ladder]
-    solver = PeriodicSolver(m, ind, covs, [*patterns, Pattern()], period=WEEK)
+    solver = PeriodicSolver(m, ind, covs, [*patterns, Pattern()], period=WEEK, memory=None)
     ok = solver.independent()
     if not ok.all():
         if not ok.any():

@@ -34,8 +34,10 @@ lower) runs in one compiled loop per subject (:meth:`PeriodicSolver.run_ladder`)
 each subject's maps when its pattern pair changes; :meth:`PeriodicSolver.run` advances one
 period for all subjects with patterns chosen by the caller.
 
-Assumed, and checked: what is left of a period's doses two periods later is negligible
-(below ``carry_tol`` of them). Accuracy against the error-controlled reference
+Assumed, and checked: what is left of a period's doses 1 + ``memory`` periods later is
+negligible (below ``carry_tol`` of them; the maps depend on the patterns of this and the
+``memory`` previous periods: 1 by default, ``memory=None`` takes up to 3 as the slowest
+subject's elimination needs). Accuracy against the error-controlled reference
 (Dormand–Prince at rtol 1e-9) is tested in ``tests/test_periodic.py``.
 """
 
@@ -323,26 +325,31 @@ def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, co, xd, xs, map
         gc = np.empty((ng, nd))
         gd = np.empty((ng, nD))
         y = np.empty(npk)
-        t_d = np.zeros(2 * W)
-        a_d = np.zeros(2 * W)
+        M = prev.shape[1]
+        t_d = np.zeros((M + 1) * W)
+        a_d = np.zeros((M + 1) * W)
         for w in range(n_periods):
             dosing = not held[i] and not stopped[i]
             u = levels[level[i]] if dosing else off
-            code = (prev[i] + 1) * U + u
+            code = u  # the patterns of this and the M previous periods
+            base = U
+            for k in range(M):
+                code += (prev[i, k] + 1) * base
+                base *= U + 1
             if code != loaded[i]:
                 for k in range(W):
                     t_d[k] = pat_t[u, k]
                     a_d[k] = pat_a[u, k]
-                    if prev[i] >= 0:
-                        t_d[W + k] = pat_t[prev[i], k] - period
-                        a_d[W + k] = pat_a[prev[i], k]
-                    else:
-                        t_d[W + k] = 0.0
-                        a_d[W + k] = 0.0
+                    for r in range(M):
+                        v = prev[i, r]
+                        t_d[(r + 1) * W + k] = pat_t[v, k] - (r + 1) * period if v >= 0 else 0.0
+                        a_d[(r + 1) * W + k] = pat_a[v, k] if v >= 0 else 0.0
                 compose_one(p[i], lam[i], unit[i], t_d, a_d, g, edges, maps[i], dbar[i],
                             ga, gc, gd, y)
                 loaded[i] = code
-            prev[i] = u
+            for r in range(M - 1, 0, -1):
+                prev[i, r] = prev[i, r - 1]
+            prev[i, 0] = u
             start = xd[i, mon] if mon < nd else xs[i, mon - nd]
             advance_one(p[i], xd[i], xs[i], maps[i], dbar[i], widths, co[i], out, buf)
             lo = start
@@ -598,7 +605,8 @@ class PeriodicSolver:
     def __init__(self, model: Model, individual: Mapping[str, np.ndarray],
                  covariates: Mapping[str, np.ndarray], patterns: Sequence[Pattern], *,
                  period: float = 168.0, step: float = 24.0,
-                 refine: Sequence[float] = (12.0,), carry_tol: float = 1e-4):
+                 refine: Sequence[float] = (12.0,), carry_tol: float = 1e-4,
+                 memory: int | None = 1):
         from ..simulation import _exact_part, _parameter_table, _per_subject
 
         if step <= 0 or period <= 0:
@@ -647,56 +655,68 @@ class PeriodicSolver:
         self._maps_all = np.full((n, len(widths), 4, len(s.driven)), np.nan)
         self._dbar_all = np.full((n, len(widths), len(s.drivers)), np.nan)
         self._loaded = np.full(n, -1, np.int64)  # pair code of the maps in place
-        self._prev = np.full(n, -1, np.int64)  # pattern of the previous period (-1: none)
+        self.memory = 1 if memory is None else int(memory)
+        if self.memory < 1:
+            raise ValueError(f"memory must be at least 1, got {memory}")
         self._p = np.ascontiguousarray(self.table.T)
         self._g = _grid([t for p in self.patterns for t in p.times], np.r_[0.0, self.times])
         self._edges = np.searchsorted(self._g, np.r_[0.0, self.times])
         P = self.prop.P  # (n, m, pk, pk)
         self._unit = np.ascontiguousarray(P[:, :, :, s.pk.index(self.dose_state)])  # unit dose
+        if memory is None:  # as many earlier periods as the slowest subject needs (≤ 3)
+            while self.memory < 3 and not self.independent().all():
+                self.memory += 1
+        self._prev = np.full((n, self.memory), -1, np.int64)  # patterns of the previous
+        # periods, the last first (-1: none)
 
     # -- precomputation per pattern ------------------------------------------------------
     def _doses(self, prev: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Dose times and amounts per subject (k, 2·D): this period's pattern ``index``, then
-        the previous period's ``prev`` (-1: none) at t − period."""
+        """Dose times and amounts per subject (k, (1 + memory)·D): this period's pattern
+        ``index``, then those of the previous periods ``prev`` (k, memory), the last first
+        (-1: none), at t − period, t − 2·period, ..."""
         width = max(1, max(len(p.times) for p in self.patterns))
-        t_d = np.zeros((len(index), 2 * width))
+        prev = np.asarray(prev).reshape(len(index), -1)
+        t_d = np.zeros((len(index), (1 + self.memory) * width))
         a_d = np.zeros_like(t_d)
         for u, p in enumerate(self.patterns):
             k = len(p.times)
             rows = index == u
             t_d[rows, :k], a_d[rows, :k] = p.times, p.amounts
-            rows = prev == u
-            t_d[rows, width:width + k] = np.asarray(p.times) - self.period
-            a_d[rows, width:width + k] = p.amounts
+            for r in range(prev.shape[1]):
+                rows = prev[:, r] == u
+                at = (r + 1) * width
+                t_d[rows, at:at + k] = np.asarray(p.times) - (r + 1) * self.period
+                a_d[rows, at:at + k] = p.amounts
         return t_d, a_d
 
     def _carry(self, t_d: np.ndarray, a_d: np.ndarray, sub: np.ndarray) -> np.ndarray:
-        """Per subject ``sub``: the fraction of this period's doses (first half of t_d, a_d)
-        left in the PK compartments two periods on."""
-        width = t_d.shape[1] // 2
+        """Per subject ``sub``: the fraction of this period's doses (the first of the
+        1 + memory blocks of t_d, a_d) left in the PK compartments 1 + memory periods on."""
+        width = t_d.shape[1] // (1 + self.memory)
         lam = self.prop.lam[sub]
         unit = self._unit[sub]
-        e_end = np.exp(lam[:, None, :] * (2 * self.period - t_d[:, :width, None]))  # (k, D, m)
+        e_end = np.exp(lam[:, None, :] * ((1 + self.memory) * self.period
+                                          - t_d[:, :width, None]))  # (k, D, m)
         left = np.einsum("ndm,nmk->nk", e_end * a_d[:, :width, None], unit)
         total = a_d[:, :width].sum(axis=1)
         return np.abs(left).sum(axis=1) / np.where(total > 0, total, 1.0)
 
     def _check_carry(self, t_d: np.ndarray, a_d: np.ndarray, sub: np.ndarray) -> None:
-        """What is left two periods on is neglected: check it is negligible."""
+        """What is left 1 + memory periods on is neglected: check it is negligible."""
         carry = self._carry(t_d, a_d, sub)
         if carry.max(initial=0.0) > self.carry_tol:
             raise Unsupported(f"{carry.max():.1e} of the doses of a {self.period:g}-h period "
-                              f"is left in the PK compartments two periods later (above "
-                              f"{self.carry_tol:g}): periods are not independent")
+                              f"is left in the PK compartments {1 + self.memory} periods "
+                              f"later (above {self.carry_tol:g}): periods are not independent")
 
     def independent(self, patterns: Sequence[int] | None = None) -> np.ndarray:
         """Per subject: True where what is left of each of ``patterns``' doses (default:
-        all) two periods on is below ``carry_tol`` (the solver's assumption; for the other
+        all) 1 + memory periods on is below ``carry_tol`` (the solver's assumption; for the other
         subjects :meth:`run` and :meth:`run_ladder` raise :class:`Unsupported`)."""
         n = self.n
         worst = np.zeros(n)
         for u in range(len(self.patterns)) if patterns is None else patterns:
-            t_d, a_d = self._doses(np.full(n, -1), np.full(n, int(u)))
+            t_d, a_d = self._doses(np.full((n, self.memory), -1), np.full(n, int(u)))
             worst = np.maximum(worst, self._carry(t_d, a_d, np.arange(n)))
         return worst <= self.carry_tol
 
@@ -724,12 +744,13 @@ class PeriodicSolver:
         if which.shape != (n,) or which.min(initial=0) < 0 or which.max(initial=0) >= len(
                 self.patterns):
             raise ValueError(f"which: one pattern index per subject (0-{len(self.patterns) - 1})")
-        code = (self._prev + 1) * len(self.patterns) + which
+        U = len(self.patterns)
+        code = which + U * ((self._prev + 1) * (U + 1) ** np.arange(self.memory)).sum(axis=1)
         stale = np.flatnonzero(code != self._loaded)
         if len(stale):
             self._load(self._prev[stale], which[stale], stale)
         self._loaded = code
-        self._prev = which.copy()
+        self._prev = np.column_stack([which, self._prev[:, :-1]])
         res = np.empty((n, len(self.times), len(s.driven) + len(s.slow)))
         self._kernel.advance(self._p, self._xd, self._xs, self._maps_all, self._dbar_all,
                              self._widths, self._co, res)
@@ -775,7 +796,7 @@ class PeriodicSolver:
                                 np.full(n, len(levels) == 0), np.full(n, -1, np.int64), 0)
             # every used pattern, for every subject: do the doses die out?
             for u in used:
-                t_d, a_d = self._doses(np.full(n, -1), np.full(n, u))
+                t_d, a_d = self._doses(np.full((n, self.memory), -1), np.full(n, u))
                 self._check_carry(t_d, a_d, np.arange(n))
         width = max(1, max(len(p.times) for p in self.patterns))
         pat_t = np.zeros((len(self.patterns), width))
