@@ -94,8 +94,9 @@ class Prior:
 @dataclass(frozen=True)
 class Sampler:
     """NUTS settings; ``engine`` "nutpie", "pymc" or "auto" (default: nutpie for graph
-    likelihoods, closed form or periodic; PyMC's multiprocess NUTS for the compiled sensitivity likelihood of nonlinear
-    models, whose Python-level Op would serialise nutpie's threaded chains)."""
+    likelihoods, closed form or periodic; PyMC's multiprocess NUTS for the compiled
+    sensitivity likelihood of nonlinear models, whose Python-level Op would serialise
+    nutpie's threaded chains)."""
 
     chains: int = 4
     draws: int = 1000
@@ -260,8 +261,11 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
         k in estimated))]
     # closed form, or compiled sensitivities of the individual parameters that vary and of
     # the states the endpoints need (see pkpd.sensitivity.predictor for its tolerances)
+    out_rows: dict[str, list] = {}
+    for ep, o in zip(endpoints, obs.values(), strict=True):
+        out_rows.setdefault(ep.output, []).extend(o["rows"])
     pred = predictor(model, ds, rows=rows, vary=vary,
-                     outputs=sorted({ep.output for ep in endpoints}))
+                     outputs=sorted({ep.output for ep in endpoints}), output_rows=out_rows)
     if per_subject:
         try:
             pred.fix_individual(individual, f"{where}: individual parameters")

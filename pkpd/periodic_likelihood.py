@@ -153,9 +153,9 @@ class PeriodicPredictor(SubjectParameters):
     Same interface as :class:`pkpd.likelihood.LinearPredictor`: parameters per subject
     (vectors of length ``n_subjects``, subjects in order of first appearance of ID);
     :meth:`predict` returns PyTensor vectors at ``rows`` (default: every EVID 0 record).
-    Outputs that need the driven or slow states are exact only at ``state_rows`` (default:
-    all ``rows``; elsewhere they take the states of the grid point before, so pass the rows of
-    PK-only endpoints such as CP outside it to save grid points). ``step`` (h) is the
+    ``output_rows`` (output name → rows where it is used; default: every output at every row)
+    saves grid points: outputs that need driven or slow states are exact only at their
+    rows (elsewhere they take the states of the grid point before). ``step`` (h) is the
     longest step of the slow states.
     """
 
@@ -163,7 +163,7 @@ class PeriodicPredictor(SubjectParameters):
 
     def __init__(self, model: Model, data: Dataset | pd.DataFrame,
                  rows: np.ndarray | Sequence[int] | None = None, *,
-                 state_rows: np.ndarray | Sequence[int] | None = None, step: float = 84.0,
+                 output_rows: Mapping[str, Sequence[int]] | None = None, step: float = 84.0,
                  carry_tol: float = 1e-4):
         if model.dosing:
             raise Unsupported(f"{model.name}: F, lag or modelled rates of doses")
@@ -262,7 +262,13 @@ class PeriodicPredictor(SubjectParameters):
         self._check_carry(carry_tol)
 
         # per-subject grids within the period, padded to common lengths -------------------
-        exact = np.ones(len(rows), bool) if state_rows is None else np.isin(rows, state_rows)
+        exact = np.ones(len(rows), bool)
+        if output_rows is not None:
+            pk_syms = {model.state_symbols[i] for i in pk}
+            state_rows = [r for k, rr in output_rows.items()
+                          if model.outputs[k].expr.free_symbols
+                          & (set(model.state_symbols) - pk_syms) for r in rr]
+            exact = np.isin(rows, state_rows)
         rel = row_t - t0s[row_sub]
         n_row = np.floor(rel / self._P[row_sub] + 1e-9).astype(int)
         tau = np.round(rel - n_row * self._P[row_sub], 9)
@@ -364,8 +370,17 @@ class PeriodicPredictor(SubjectParameters):
                        for row in entries], axis=-2)
         lam = block_eigenvalues(Am, lin.blocks, xp=pt)  # (S, n)
         lam_list = [lam[:, i] for i in range(n)]
-        need_pk = set().union(*(model.odes[model.states[i]].free_symbols for i in s.driven),
-                              *(e.free_symbols for e in s.drivers))
+        # only what the requested outputs need (e.g. not sFLC when fitting the M-spike)
+        names = list(model.outputs) if outputs is None else list(outputs)
+        need = set().union(*(model.outputs[k].expr.free_symbols for k in names))
+        for part in reversed(self.chain):
+            if xs[part.index] in need:
+                need |= part.c.free_symbols | part.s.free_symbols
+        chain = [p for p in self.chain if xs[p.index] in need]
+        driven = [i for i in s.driven if xs[i] in need]
+        drivers = [(d, e) for d, e in zip(s.driver_symbols, s.drivers, strict=True) if d in need]
+        need_pk = set().union(*(model.odes[model.states[i]].free_symbols for i in driven),
+                              *(e.free_symbols for _, e in drivers))
         w = {}  # (a, dose state) → (S, n)
         dose_states = [int(c) for c in np.unique(self._ps)]
         for a in range(n):
@@ -405,7 +420,7 @@ class PeriodicPredictor(SubjectParameters):
         # driven states over one period (both versions), then over the periods -------------
         driven_coarse, driven_cum = {}, {}
         zeros = pt.zeros((2, S, 1))
-        for i in s.driven:
+        for i in driven:
             x = xs[i]
             f = model.odes[model.states[i]]
             env = {**col, **pk_fine}
@@ -441,7 +456,7 @@ class PeriodicPredictor(SubjectParameters):
 
         # drivers: running integrals at the coarse points --------------------------------
         nn = np.arange(1, Nmax)[None, :, None]
-        for dsym, expr in zip(s.driver_symbols, s.drivers, strict=True):
+        for dsym, expr in drivers:
             val = to_pytensor(expr, {**col, **pk_fine}) * pt.ones((2, S, K))
             C, E = at_coarse(pt.concatenate([zeros, pt.cumsum(val * h, axis=-1)], axis=-1))
             cum = pt.concatenate([C[0][:, None, :], E[0][:, None, None] + (nn - 1)
@@ -454,7 +469,7 @@ class PeriodicPredictor(SubjectParameters):
         hc = self._hc
         incr = {u: c[:, 1:] - c[:, :-1] for u, c in driven_cum.items()}
         slow_vals = {}
-        for part in self.chain:
+        for part in chain:
             c_e = part.c
             fast = [u for u in incr if u in c_e.free_symbols]
             z = to_pytensor(c_e.subs({u: 0 for u in fast}), col) * hc
@@ -480,8 +495,6 @@ class PeriodicPredictor(SubjectParameters):
                     for k, v in self._cov_rec.items()})
         for x, v in {**driven_coarse, **slow_vals}.items():
             env[x] = v.reshape((S * (T + 1),))[flat]
-        names = list(model.outputs) if outputs is None else list(outputs)
-        need = set().union(*(model.outputs[k].expr.free_symbols for k in names))
         pk_out = [a for a in range(n) if xs[idx[a]] in need]
         if pk_out:
             lam_r = lam[sub][:, None, :]  # (R, 1, n)

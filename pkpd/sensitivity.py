@@ -42,13 +42,15 @@ class SensitivityError(ValueError):
 def predictor(model: Model, data: Dataset | pd.DataFrame,
               rows: np.ndarray | Sequence[int] | None = None,
               vary: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
-              method: str = "auto"):
+              method: str = "auto", output_rows: Mapping[str, Sequence[int]] | None = None):
     """The likelihood's predictor for ``model``: the closed form
     (:class:`pkpd.likelihood.LinearPredictor`) for linear models whose blocks have ≤ 3
     states; else, with ``method="auto"``, the periodic graph
     (:class:`pkpd.periodic_likelihood.PeriodicPredictor`) when every subject's doses repeat
     regularly and the model has its structure, and otherwise (or with
-    ``method="sensitivity"``) :class:`NonlinearPredictor` (compiled forward sensitivities)."""
+    ``method="sensitivity"``) :class:`NonlinearPredictor` (compiled forward sensitivities).
+    ``output_rows`` (output → rows where it is used) lets the periodic graph skip grid points
+    that only PK outputs need."""
     from .likelihood import LinearPredictor
     from .periodic_likelihood import PeriodicPredictor
     from .solvers.periodic import Unsupported
@@ -60,7 +62,7 @@ def predictor(model: Model, data: Dataset | pd.DataFrame,
         return LinearPredictor(model, data, rows=rows)
     if method == "auto":
         try:
-            return PeriodicPredictor(model, data, rows=rows)
+            return PeriodicPredictor(model, data, rows=rows, output_rows=output_rows)
         except Unsupported:
             pass
     return NonlinearPredictor(model, data, rows=rows, vary=vary, outputs=outputs, rtol=1e-4,
