@@ -171,7 +171,7 @@ from numba import njit, prange
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def slow_rates(p, x, f, d, j, a, b, memo):
+def slow_rates(p, x, f, d, a, b, memo):
 {body}
 
 
@@ -210,7 +210,7 @@ def _factors(z):
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def driven_rates(p, y, a, c, d, m):
+def driven_rates(p, y, a, c, d):
 {driven_body}
 
 
@@ -227,7 +227,7 @@ def compose_one(p, lam, unit, t_d, a_d, g, edges, maps, dbar, a, c, d, y):
     ng = g.shape[0]
     if not np.any(a_d > 0.0):  # no dose drives this period: constant rates, exact maps
         y[:] = 0.0
-        driven_rates(p, y, a, c, d, 0)
+        driven_rates(p, y, a[0], c[0], d[0])
         for j in range(edges.shape[0] - 1):
             h = g[edges[j + 1]] - g[edges[j]]
             for q in range(nd):
@@ -265,7 +265,7 @@ def compose_one(p, lam, unit, t_d, a_d, g, edges, maps, dbar, a, c, d, y):
             for q in range(nm):
                 acc += w[q] * unit[q, r]
             y[r] = acc
-        driven_rates(p, y, a, c, d, m)
+        driven_rates(p, y, a[m], c[m], d[m])
     for j in range(edges.shape[0] - 1):
         lo, hi = edges[j], edges[j + 1]
         width = g[hi] - g[lo]
@@ -402,7 +402,7 @@ def _kernel_source(model: Model, s: Split) -> tuple[str, list[bool]]:
     names: dict[sp.Symbol, str] = {a: f"p[{i}]" for i, a in enumerate(args)}
     names.update({xs[i]: f"x[{q}]" for q, i in enumerate(s.slow)})
     names.update({xs[i]: f"f[{q}]" for q, i in enumerate(s.driven)})
-    names.update({d: f"d[j, {q}]" for q, d in enumerate(s.driver_symbols)})
+    names.update({d: f"d[{q}]" for q, d in enumerate(s.driver_symbols)})
     a_sl, b_sl, const = [], [], []
     variable = {xs[i] for i in (*s.slow, *s.driven)} | set(s.driver_symbols)
     for i, r in zip(s.slow, s.slow_rates, strict=True):
@@ -444,8 +444,8 @@ def _kernel_source(model: Model, s: Split) -> tuple[str, list[bool]]:
     names.update({xs[i]: f"y[{q}]" for q, i in enumerate(s.pk)})
     nd = len(a_dr)
     driven = assignments([*a_dr, *c_dr, *s.drivers], names,
-                         lambda q, e: (f"a[m, {q}]" if q < nd else f"c[m, {q - nd}]"
-                                       if q < 2 * nd else f"d[m, {q - 2 * nd}]") + f" = {e}",
+                         lambda q, e: (f"a[{q}]" if q < nd else f"c[{q - nd}]" if q < 2 * nd
+                                       else f"d[{q - 2 * nd}]") + f" = {e}",
                          _Pow({"fully_qualified_modules": True}))
     src = _KERNEL.replace("{body}", "\n".join(lines) or "    pass")
     src = src.replace("{NPOW}", str(max(1, mpow.sites)))
@@ -472,7 +472,7 @@ def _advance_source(a: list[sp.Expr], b: list[sp.Expr], const: list[bool],
 
     def slot(key: tuple) -> str:
         table.append(key)
-        return f"co[j, {len(table) - 1}]"
+        return f"c[{len(table) - 1}]"
 
     ind = " " * 8
     links, pred, corr = [], [], []
@@ -553,9 +553,11 @@ def advance_one(pi, xd, xs, mp, db, widths, co, out, buf):
             f[q] = (mp[j, 2, q] * x0 + mp[j, 3, q]) * ih
             xd[q] = mp[j, 0, q] * x0 + mp[j, 1, q]
             out[j, q] = xd[q]
-        slow_rates(pi, xs, f, db, j, a0, b0, memo)
+        d = db[j]
+        c = co[j]
+        slow_rates(pi, xs, f, d, a0, b0, memo)
 {pred}
-        slow_rates(pi, pred, f, db, j, a1, b1, memo)
+        slow_rates(pi, pred, f, d, a1, b1, memo)
 {corr}
         for q in range(ns):
             out[j, nd + q] = xs[q]"""
