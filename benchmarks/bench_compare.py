@@ -8,11 +8,17 @@ on the same code path (prior draws, blocks of draws, Dask local cluster with ``-
 single-threaded worker processes, or ``--workers 0`` for serial) and scales linearly in
 patient-weeks to the target. Sensitivity analysis is off (it is timed separately with
 ``--sensitivity``).
+
+Printed beside the wall time: the machine's load average before and after (other work on the
+machine slows the run) and, for the serial run, the CPU time of this process (all its
+threads; numba runs the trial kernel on ``--threads`` threads, default all cores).
+``--json PATH`` also writes the figures (e.g. ``benchmarks/results/bench_compare.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -29,7 +35,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="Dask workers; 0 = serial")
     ap.add_argument("--block-size", type=int, default=5)
     ap.add_argument("--sensitivity", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="numba threads (serial run)")
+    ap.add_argument("--json", default=None, help="write the figures to this file")
     a = ap.parse_args()
+    if a.threads:
+        import numba
+
+        numba.set_num_threads(a.threads)
 
     client = cluster = None
     if a.workers:
@@ -45,11 +57,15 @@ def main() -> None:
         print(f"cluster start + warm-up: {time.perf_counter() - t:.1f} s")
     else:
         compare(["40 mg QW"], n=2, draws=1, years=0.1, observation=False, sensitivity=False)
+    load0 = os.getloadavg()
     t = time.perf_counter()
+    cpu = time.process_time()
     c = compare(REGIMENS, n=a.n, draws=a.draws, years=a.years, seed=1,
                 block_size=a.block_size, sensitivity=["KKILL"] if a.sensitivity else False,
                 scheduler=client)
     dt = time.perf_counter() - t
+    cpu = time.process_time() - cpu
+    load1 = os.getloadavg()
     if client is not None:
         client.close()
         cluster.close()
@@ -57,9 +73,21 @@ def main() -> None:
     target = 4 * 500 * 500 * 2 * 52
     print(f"{len(c.regimens)} regimens × {a.draws} draws × {a.n} patients × {a.years:g} y "
           f"({pw:,.0f} patient-weeks), {a.workers or 'serial'} workers, cores "
-          f"{os.cpu_count()}: {dt:.1f} s = {1e6 * dt / pw:.0f} µs per patient-week")
+          f"{os.cpu_count()}: {dt:.1f} s = {1e6 * dt / pw:.2f} µs per patient-week"
+          + ("" if a.workers else f" (CPU time of this process {cpu:.1f} s = "
+             f"{1e6 * cpu / pw:.2f} µs per patient-week)"))
+    print(f"load average (1 min) before {load0[0]:.2f}, after {load1[0]:.2f}")
     print(f"scaled to 4 × 500 × 500 × 2 y ({target:,} patient-weeks): "
           f"{dt * target / pw:,.0f} s (target 60 s)")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"regimens": len(c.regimens), "draws": a.draws, "n": a.n,
+                       "years": a.years, "workers": a.workers, "threads": a.threads,
+                       "cores": os.cpu_count(), "seconds": dt,
+                       "cpu_seconds": None if a.workers else cpu,
+                       "us_per_patient_week": 1e6 * dt / pw,
+                       "projected_target_seconds": dt * target / pw,
+                       "load_before": load0[0], "load_after": load1[0]}, fh, indent=1)
     print(c.decision[["LOW_DOSE", "P_PROGRESSION_NONINFERIOR", "P_AE_LOWER",
                       "P_BENEFIT_VS_OBSERVATION", "DECISION"]].to_string(index=False))
 

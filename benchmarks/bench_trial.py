@@ -5,18 +5,25 @@
 Fast path: ``pkpd.trial.run_trial`` — population, individual parameters, 104 weekly segments
 with the label's dose modification, endpoints and summary — with each of its engines, in the
 same run: "periodic" (the default, ``pkpd.solvers.periodic``: affine maps of the PK-driven
-states per pair of weekly patterns, exponential Heun steps of the slow states) and "ode" (the
-compiled per-patient Dormand–Prince with the PK in closed form, ``pkpd.solvers.compiled``).
+states per pair of weekly patterns, exponential Heun steps of 24 h (12 h after a dose) of the
+slow states with the platelet transit chain exact in its coupling, the whole course with the
+dose rule in one compiled loop per patient) and "ode" (the compiled per-patient
+Dormand–Prince with the PK in closed form, ``pkpd.solvers.compiled``).
 Baseline: the loop a scientist writes with scipy — per patient, per week, ``solve_ivp``
 (LSODA, rtol 1e-6, atol 1e-9) of the same model file's right-hand side with the week's dose
 added at its start and daily ``t_eval``; timed on ``--baseline-n`` patients at 100 mg QW without
 holds and scaled linearly. Both are checked against each other on those patients (M-spike,
 platelets, XPO1 inhibition after two years).
+
+Printed beside the times: the machine's load average (other work slows the run) and the CPU
+time of the process during the fast path; ``--json PATH`` writes the figures (e.g.
+``benchmarks/results/bench_trial.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -55,15 +62,19 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--years", type=float, default=2.0)
     ap.add_argument("--baseline-n", type=int, default=4)
+    ap.add_argument("--json", default=None, help="write the figures to this file")
     a = ap.parse_args()
     weeks = int(round(a.years * 52))
     m = load_model("selinexor_smm")
     run_trial("100 mg QW", n=300, years=2 / 52, seed=2)  # compile/load the kernels once
 
     run_trial("100 mg QW", n=300, years=2 / 52, seed=2, engine="ode")
+    load0 = os.getloadavg()
     t = time.perf_counter()
+    cpu = time.process_time()
     res = run_trial("100 mg QW", n=a.n, years=a.years, seed=1)
     fast = time.perf_counter() - t
+    cpu = time.process_time() - cpu
     prog = res.summary.query("RISK == 'all' and ENDPOINT.str.startswith('PROGRESSION')")
     t = time.perf_counter()
     res_ode = run_trial("100 mg QW", n=a.n, years=a.years, seed=1, engine="ode")
@@ -92,7 +103,8 @@ def main() -> None:
     per_base = base / (k * weeks)
     print(f"cores: {os.cpu_count()}, numba threads: {__import__('numba').get_num_threads()}")
     print(f"fast path (periodic): {a.n} patients x {weeks} weeks: {fast:.1f} s "
-          f"({per_fast * 1e6:.1f} us per patient-week)")
+          f"({per_fast * 1e6:.2f} us per patient-week; CPU time {cpu:.1f} s); load average "
+          f"(1 min) before {load0[0]:.2f}, at the end {os.getloadavg()[0]:.2f}")
     print(f"  2-y progression (all): {float(prog['ESTIMATE'].iloc[0]):.3f}")
     print(f"engine ode: {ode:.1f} s ({ode / (a.n * weeks) * 1e6:.1f} us per patient-week); "
           f"periodic is {ode / fast:.1f}x faster; largest difference of a summary estimate "
@@ -103,6 +115,14 @@ def main() -> None:
     print(f"speed ratio: {per_base / per_fast:.0f}x")
     print("max relative difference after 2 years, fast vs scipy loop: "
           + ", ".join(f"{s} {v:.1e}" for s, v in diff.items()))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"n": a.n, "years": a.years, "cores": os.cpu_count(),
+                       "periodic_seconds": fast, "periodic_cpu_seconds": cpu,
+                       "periodic_us_per_patient_week": per_fast * 1e6, "ode_seconds": ode,
+                       "ode_over_periodic": ode / fast, "largest_summary_gap": float(gap.max()),
+                       "scipy_ms_per_patient_week": per_base * 1e3,
+                       "load_before": load0[0], "load_end": os.getloadavg()[0]}, fh, indent=1)
 
 
 if __name__ == "__main__":
