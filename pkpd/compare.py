@@ -311,11 +311,40 @@ def _execute(blocks: list[_Block], scheduler: Any,
     """Run blocks serially (scheduler None or "serial") or on Dask ("local": a 2-worker
     local cluster; an address; or a ``distributed.Client``). Results in block order."""
     workers = min(2, os.cpu_count() or 1)
+    threads = None
     if scheduler == "local":  # one numba thread per worker: no oversubscription
-        blocks = [dataclasses.replace(b, threads=max(1, (os.cpu_count() or 1) // workers))
-                  for b in blocks]
+        threads = max(1, (os.cpu_count() or 1) // workers)
+    elif scheduler not in (None, "serial"):
+        threads = _local_threads(scheduler)
+    if threads is not None:
+        blocks = [dataclasses.replace(b, threads=threads) for b in blocks]
     return run_tasks(_run_block, blocks, scheduler, workers=workers, progress=progress,
                      error=CompareError)
+
+
+def _local_threads(scheduler: Any) -> int | None:
+    """Numba threads per task for a ``distributed.Client`` whose workers all run on this
+    machine (e.g. a LocalCluster): its cores shared among the worker threads, so that the
+    compiled trial loop does not oversubscribe them; None (leave as is) otherwise."""
+    try:
+        from distributed import Client
+
+        if not isinstance(scheduler, Client):
+            return None
+        import socket
+
+        workers = scheduler.scheduler_info().get("workers", {})
+        local = {"127.0.0.1", "localhost", socket.gethostname()}
+        try:
+            local.add(socket.gethostbyname(socket.gethostname()))
+        except OSError:
+            pass
+        if not workers or any(w.get("host") not in local for w in workers.values()):
+            return None
+        slots = sum(int(w.get("nthreads", 1)) for w in workers.values())
+        return max(1, (os.cpu_count() or 1) // max(1, slots))
+    except Exception:  # noqa: BLE001 - a scheduler we cannot inspect: leave it alone
+        return None
 
 
 # -- summaries ---------------------------------------------------------------------------------
