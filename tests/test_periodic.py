@@ -203,3 +203,26 @@ def test_memory_follows_doses_over_several_periods():
             # without a dose B is ~1e-4, and the neglected 1e-4 of a dose is of its size
             err = np.abs(got[:, :, col[name]] - r) / np.maximum(np.abs(r), 1e-2)
             assert err.max() < 5e-3, (w, name, err.max())
+
+
+def test_a_slow_eliminator_gets_a_longer_memory_alone():
+    """With a clearance of 4 L/h one patient needs the doses of two earlier weeks (memory 2,
+    per patient): the other patients keep memory 1 and are simulated exactly as without
+    him; his course matches the ode engine (M-spike and weekly platelet minimum, 0.5 %)."""
+    import warnings
+
+    n = 30
+    cl = np.full(n, 17.9)
+    cl[5] = 4.0
+    slow = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": cl})
+    normal = cl.copy()
+    normal[5] = 17.9
+    periodic = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": normal})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ode = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": cl}, engine="ode")
+    rest = np.arange(n) != 5
+    np.testing.assert_array_equal(slow.mspike[rest], periodic.mspike[rest])
+    np.testing.assert_array_equal(slow.platelets[rest], periodic.platelets[rest])
+    assert np.abs(slow.mspike[5] / ode.mspike[5] - 1).max() < 5e-3
+    assert np.abs(slow.platelets[5] / ode.platelets[5] - 1).max() < 5e-3

@@ -36,8 +36,8 @@ period for all subjects with patterns chosen by the caller.
 
 Assumed, and checked: what is left of a period's doses 1 + ``memory`` periods later is
 negligible (below ``carry_tol`` of them; the maps depend on the patterns of this and the
-``memory`` previous periods: 1 by default, ``memory=None`` takes up to 3 as the slowest
-subject's elimination needs). Accuracy against the error-controlled reference
+``memory`` previous periods: 1 by default, ``memory=None`` takes up to 3 as each subject's
+elimination needs). Accuracy against the error-controlled reference
 (Dormand–Prince at rtol 1e-9) is tested in ``tests/test_periodic.py``.
 """
 
@@ -323,7 +323,7 @@ def advance(p, xd, xs, maps, dbar, widths, co, out):
 
 @njit(cache=True, parallel=True)
 def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, co, xd, xs, maps, dbar,
-           loaded, prev, levels, off, level, held, stopped,
+           loaded, prev, mem, levels, off, level, held, stopped,
            mon, samples, hold_below, resume_at, rec_cols, acc_col, n_periods,
            rec, low, acc, which, first_resume, period0):
     # n_periods periods for every subject i (prange), the pattern of each chosen by the
@@ -348,9 +348,9 @@ def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, co, xd, xs, map
         for w in range(n_periods):
             dosing = not held[i] and not stopped[i]
             u = levels[level[i]] if dosing else off
-            code = u  # the patterns of this and the M previous periods
+            code = u  # the patterns of this and the subject's mem[i] previous periods
             base = U
-            for k in range(M):
+            for k in range(mem[i]):
                 code += (prev[i, k] + 1) * base
                 base *= U + 1
             if code != loaded[i]:
@@ -358,7 +358,7 @@ def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, co, xd, xs, map
                     t_d[k] = pat_t[u, k]
                     a_d[k] = pat_a[u, k]
                     for r in range(M):
-                        v = prev[i, r]
+                        v = prev[i, r] if r < mem[i] else -1
                         t_d[(r + 1) * W + k] = pat_t[v, k] - (r + 1) * period if v >= 0 else 0.0
                         a_d[(r + 1) * W + k] = pat_a[v, k] if v >= 0 else 0.0
                 compose_one(p[i], lam[i], unit[i], t_d, a_d, g, edges, maps[i], dbar[i],
@@ -685,27 +685,36 @@ class PeriodicSolver:
         self._maps_all = np.full((n, len(widths), 4, len(s.driven)), np.nan)
         self._dbar_all = np.full((n, len(widths), len(s.drivers)), np.nan)
         self._loaded = np.full(n, -1, np.int64)  # pair code of the maps in place
-        self.memory = 1 if memory is None else int(memory)
+        self.memory = 3 if memory is None else int(memory)
         if self.memory < 1:
             raise ValueError(f"memory must be at least 1, got {memory}")
+        self._mem = np.full(n, self.memory, np.int64)  # per subject (memory=None: as needed)
         self._p = np.ascontiguousarray(self.table.T)
         self._g = _grid([t for p in self.patterns for t in p.times], np.r_[0.0, self.times])
         self._edges = np.searchsorted(self._g, np.r_[0.0, self.times])
         P = self.prop.P  # (n, m, pk, pk)
         self._unit = np.ascontiguousarray(P[:, :, :, s.pk.index(self.dose_state)])  # unit dose
-        if memory is None:  # as many earlier periods as the slowest subject needs (≤ 3)
-            while self.memory < 3 and not self.independent().all():
-                self.memory += 1
+        if memory is None:  # as many earlier periods as each subject needs (≤ 3)
+            for k in (2, 1):
+                trial = self._mem.copy()
+                self._mem[:] = k
+                ok = self.independent()
+                self._mem = np.where(ok, k, trial)
+            self.memory = int(self._mem.max(initial=1))
         self._prev = np.full((n, self.memory), -1, np.int64)  # patterns of the previous
         # periods, the last first (-1: none)
 
     # -- precomputation per pattern ------------------------------------------------------
-    def _doses(self, prev: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _doses(self, prev: np.ndarray, index: np.ndarray,
+               mem: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Dose times and amounts per subject (k, (1 + memory)·D): this period's pattern
         ``index``, then those of the previous periods ``prev`` (k, memory), the last first
-        (-1: none), at t − period, t − 2·period, ..."""
+        (-1: none), at t − period, t − 2·period, ... (the first ``mem`` of them, per
+        subject)."""
         width = max(1, max(len(p.times) for p in self.patterns))
         prev = np.asarray(prev).reshape(len(index), -1)
+        if mem is not None:
+            prev = np.where(np.arange(prev.shape[1]) < np.asarray(mem)[:, None], prev, -1)
         t_d = np.zeros((len(index), (1 + self.memory) * width))
         a_d = np.zeros_like(t_d)
         for u, p in enumerate(self.patterns):
@@ -721,12 +730,13 @@ class PeriodicSolver:
 
     def _carry(self, t_d: np.ndarray, a_d: np.ndarray, sub: np.ndarray) -> np.ndarray:
         """Per subject ``sub``: the fraction of this period's doses (the first of the
-        1 + memory blocks of t_d, a_d) left in the PK compartments 1 + memory periods on."""
+        1 + memory blocks of t_d, a_d) left in the PK compartments 1 + (the subject's) memory
+        periods on."""
         width = t_d.shape[1] // (1 + self.memory)
         lam = self.prop.lam[sub]
         unit = self._unit[sub]
-        e_end = np.exp(lam[:, None, :] * ((1 + self.memory) * self.period
-                                          - t_d[:, :width, None]))  # (k, D, m)
+        horizon = (1 + self._mem[sub])[:, None, None] * self.period
+        e_end = np.exp(lam[:, None, :] * (horizon - t_d[:, :width, None]))  # (k, D, m)
         left = np.einsum("ndm,nmk->nk", e_end * a_d[:, :width, None], unit)
         total = a_d[:, :width].sum(axis=1)
         return np.abs(left).sum(axis=1) / np.where(total > 0, total, 1.0)
@@ -775,10 +785,11 @@ class PeriodicSolver:
                 self.patterns):
             raise ValueError(f"which: one pattern index per subject (0-{len(self.patterns) - 1})")
         U = len(self.patterns)
-        code = which + U * ((self._prev + 1) * (U + 1) ** np.arange(self.memory)).sum(axis=1)
+        prev = np.where(np.arange(self.memory) < self._mem[:, None], self._prev, -1)
+        code = which + U * ((prev + 1) * (U + 1) ** np.arange(self.memory)).sum(axis=1)
         stale = np.flatnonzero(code != self._loaded)
         if len(stale):
-            self._load(self._prev[stale], which[stale], stale)
+            self._load(prev[stale], which[stale], stale)
         self._loaded = code
         self._prev = np.column_stack([which, self._prev[:, :-1]])
         res = np.empty((n, len(self.times), len(s.driven) + len(s.slow)))
@@ -841,7 +852,7 @@ class PeriodicSolver:
         self._kernel.ladder(
             self._p, np.ascontiguousarray(self.prop.lam), self._unit, pat_t, pat_a,
             float(self.period), self._g, self._edges, self._widths, self._co, self._xd,
-            self._xs, self._maps_all, self._dbar_all, self._loaded, self._prev,
+            self._xs, self._maps_all, self._dbar_all, self._loaded, self._prev, self._mem,
             levels if len(levels) else np.zeros(1, np.int64),
             int(off), state.level, state.held, state.stopped, int(col[monitor]),
             idx.astype(np.int64), float(hold_below), float(resume_at), rec_cols,
