@@ -182,9 +182,20 @@ NPOW = {NPOW}
 def _mpow(x, y, memo, k):
     # _pow remembering its last arguments at call site k: a base that depends only on states
     # whose predictor is their corrected value (e.g. tumour burden) comes back unchanged at
-    # the start of the next step
-    if x == memo[3 * k] and y == memo[3 * k + 1]:
-        return memo[3 * k + 2]
+    # the start of the next step; one that the corrector moved by a relative r < 1e-3 (e.g.
+    # a platelet count; also |y·r| < 1e-3) from the last value by (1 + r)^y to 4 terms
+    # (relative error below (|y| + 3)⁴·r⁴/24 < 1.1e-11)
+    if y == memo[3 * k + 1]:
+        x0 = memo[3 * k]
+        if x == x0:
+            return memo[3 * k + 2]
+        r = x / x0 - 1.0
+        if abs(r) < 1e-3 and abs(y * r) < 1e-3:
+            v = memo[3 * k + 2] * (1.0 + y * r * (1.0 + 0.5 * (y - 1.0) * r * (
+                1.0 + (y - 2.0) * r / 3.0)))
+            memo[3 * k] = x
+            memo[3 * k + 2] = v
+            return v
     v = _pow(x, y)
     memo[3 * k] = x
     memo[3 * k + 1] = y
