@@ -93,10 +93,10 @@ class Prior:
 
 @dataclass(frozen=True)
 class Sampler:
-    """NUTS settings; ``engine`` "nutpie", "pymc" or "auto" (default: nutpie for graph
-    likelihoods, closed form or periodic; PyMC's multiprocess NUTS for the compiled
-    sensitivity likelihood of nonlinear models, whose Python-level Op would serialise
-    nutpie's threaded chains)."""
+    """NUTS settings; ``engine`` "nutpie", "pymc" or "auto" (default: nutpie for closed-form
+    likelihoods; PyMC's multiprocess NUTS for nonlinear models: the compiled sensitivity
+    Op would serialise nutpie's threaded chains, and nutpie's numba build of the periodic
+    graph takes minutes)."""
 
     chains: int = 4
     draws: int = 1000
@@ -205,7 +205,7 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
           omega_scale: Mapping[str, float] | None = None, iiv: str = "diagonal",
           prior_sd: float = 1.0, centred: bool = False, where: str = "fit",
           individual: pd.DataFrame | None = None,
-          population: Mapping[str, float] | None = None) -> _Built:
+          population: Mapping[str, float] | None = None, likelihood: str = "auto") -> _Built:
     """The PyMC model of a population fit (see the module docstring); ``centred`` samples η
     directly (better when individual data are rich) instead of z. ``individual`` (ID and
     parameter columns) fixes those parameters per subject (IPP: e.g. the individual PK
@@ -218,6 +218,7 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
 
     from .likelihood import to_pytensor
     from .sensitivity import predictor
+    from .solvers.periodic import Unsupported
 
     ds = data if isinstance(data, Dataset) else from_frame(data)
     priors = dict(priors or {})
@@ -264,8 +265,14 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
     out_rows: dict[str, list] = {}
     for ep, o in zip(endpoints, obs.values(), strict=True):
         out_rows.setdefault(ep.output, []).extend(o["rows"])
-    pred = predictor(model, ds, rows=rows, vary=vary,
-                     outputs=sorted({ep.output for ep in endpoints}), output_rows=out_rows)
+    if likelihood not in ("auto", "periodic", "sensitivity"):
+        raise FitSpecError(f"{where}: likelihood must be 'auto', 'periodic' or 'sensitivity', "
+                           f"got {likelihood!r}")
+    try:
+        pred = predictor(model, ds, rows=rows, vary=vary, method=likelihood,
+                         outputs=sorted({ep.output for ep in endpoints}), output_rows=out_rows)
+    except Unsupported as e:
+        raise FitSpecError(f"{where}: likelihood 'periodic': {e}") from None
     if per_subject:
         try:
             pred.fix_individual(individual, f"{where}: individual parameters")
@@ -403,10 +410,10 @@ def _engine(b: _Built, s: Sampler) -> Sampler:
     """``engine = "auto"`` resolved for this likelihood (see :class:`Sampler`)."""
     if s.engine != "auto":
         return s
-    from .sensitivity import NonlinearPredictor
+    from .likelihood import LinearPredictor
 
-    return dataclasses.replace(s, engine="pymc" if isinstance(b.predictor, NonlinearPredictor)
-                               else "nutpie")
+    return dataclasses.replace(s, engine="nutpie" if isinstance(b.predictor, LinearPredictor)
+                               else "pymc")
 
 
 def _sample(b: _Built, s: Sampler):
@@ -645,7 +652,8 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         seed: int = 1, target_accept: float = 0.8, engine: str = "auto",
         cores: int | None = None, progress: bool = True, posterior_predictive: bool = True,
         where: str = "fit", individual: pd.DataFrame | str | os.PathLike | None = None,
-        population: Mapping[str, float] | str | os.PathLike | None = None) -> FitResult:
+        population: Mapping[str, float] | str | os.PathLike | None = None,
+        likelihood: str = "auto") -> FitResult:
     """Fit a population model to a NONMEM data set; returns a :class:`FitResult`.
 
     ``endpoints`` default: the model's first output, proportional error, all observations.
@@ -657,6 +665,9 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
     ``omega_<P>``, ``sigma_<add|prop|log>_<endpoint>``) or a fit folder (its posterior
     medians, :func:`read_population`); the η and the data of the earlier fit's endpoints stay
     in the likelihood.
+    ``likelihood``: "auto" (closed form for linear models, else compiled sensitivities),
+    "periodic" (the periodic graph of :mod:`pkpd.periodic_likelihood`, for PK-driven models
+    under regular dosing) or "sensitivity"; see :func:`pkpd.sensitivity.predictor`.
     """
     model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     ds = read_nonmem(data) if isinstance(data, (str, os.PathLike)) else (
@@ -671,7 +682,7 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         population = read_population(population)
     b = build(model, ds, endpoints, priors=priors, omega_scale=omega_scale, iiv=iiv,
               prior_sd=prior_sd, centred=centred, where=where, individual=individual,
-              population=population)
+              population=population, likelihood=likelihood)
     sampler = _engine(b, sampler)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -1116,7 +1127,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         tune = 1000
         seed = 1
         target_accept = 0.8
-        engine = "auto"                   # nutpie (graph likelihoods) or pymc (sensitivities)
+        engine = "auto"                   # nutpie (closed form) or pymc (nonlinear)
 
     BLQ records: a ``CENS`` column (1 = below LLOQ, DV = LLOQ) or ``BLQ``/``BLOQ`` with
     ``LLOQ``; they enter by the M3 method.

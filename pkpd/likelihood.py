@@ -484,14 +484,16 @@ class LinearPredictor(SubjectParameters):
         return rate * (done + running)
 
     # -- numpy -----------------------------------------------------------------------------
-    def compile(self, outputs: Sequence[str] | None = None
+    def compile(self, outputs: Sequence[str] | None = None, mode: str | None = None
                 ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
-        """A numpy function: individual parameters (vectors over subjects) → outputs."""
+        """A numpy function: individual parameters (vectors over subjects) → outputs.
+        ``mode``: PyTensor's compilation mode (e.g. "FAST_COMPILE": no C compilation)."""
         names = list(self.model.parameters)
         ins = [pt.vector(k) for k in names]
         outs = self.predict(dict(zip(names, ins, strict=True)), outputs)
         keys = list(outs)
-        fn = pytensor.function(ins, [outs[k] for k in keys], on_unused_input="ignore")
+        fn = pytensor.function(ins, [outs[k] for k in keys], on_unused_input="ignore",
+                               mode=mode)
         S = self.n_subjects
 
         def evaluate(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

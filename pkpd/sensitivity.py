@@ -45,26 +45,22 @@ def predictor(model: Model, data: Dataset | pd.DataFrame,
               method: str = "auto", output_rows: Mapping[str, Sequence[int]] | None = None):
     """The likelihood's predictor for ``model``: the closed form
     (:class:`pkpd.likelihood.LinearPredictor`) for linear models whose blocks have ≤ 3
-    states; else, with ``method="auto"``, the periodic graph
-    (:class:`pkpd.periodic_likelihood.PeriodicPredictor`) when every subject's doses repeat
-    regularly and the model has its structure, and otherwise (or with
-    ``method="sensitivity"``) :class:`NonlinearPredictor` (compiled forward sensitivities).
-    ``output_rows`` (output → rows where it is used) lets the periodic graph skip grid points
-    that only PK outputs need."""
+    states; else :class:`NonlinearPredictor` (compiled forward sensitivities), or with
+    ``method="periodic"`` the periodic graph
+    (:class:`pkpd.periodic_likelihood.PeriodicPredictor`, for PK-driven models under regular
+    dosing; :class:`pkpd.solvers.periodic.Unsupported` if the model or data do not have its
+    structure). ``output_rows`` (output → rows where it is used) lets the periodic graph skip
+    grid points that only PK outputs need."""
     from .likelihood import LinearPredictor
     from .periodic_likelihood import PeriodicPredictor
-    from .solvers.periodic import Unsupported
 
-    if method not in ("auto", "sensitivity"):
-        raise ValueError(f"method must be 'auto' or 'sensitivity', got {method!r}")
+    if method not in ("auto", "periodic", "sensitivity"):
+        raise ValueError(f"method must be 'auto', 'periodic' or 'sensitivity', got {method!r}")
     lin = model.linear
     if lin is not None and lin.closed_form:
         return LinearPredictor(model, data, rows=rows)
-    if method == "auto":
-        try:
-            return PeriodicPredictor(model, data, rows=rows, output_rows=output_rows)
-        except Unsupported:
-            pass
+    if method == "periodic":
+        return PeriodicPredictor(model, data, rows=rows, output_rows=output_rows)
     return NonlinearPredictor(model, data, rows=rows, vary=vary, outputs=outputs, rtol=1e-4,
                               atol=1e-8)
 

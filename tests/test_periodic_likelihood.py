@@ -13,11 +13,12 @@ import pytensor.tensor as pt
 import pytest
 
 from pkpd import load_model, simulate
-from pkpd.periodic_likelihood import PeriodicPredictor, affine_scan, phi1, phi2
+from pkpd.periodic_likelihood import PeriodicPredictor, affine_scan, phi1, phi2, prefix_sum
 from pkpd.sensitivity import NonlinearPredictor, predictor
 from pkpd.solvers.periodic import Unsupported
 
 OUTPUTS = ["CP", "XPO1_INH", "MSPIKE", "SFLC"]
+MODE = "FAST_COMPILE"  # numpy implementations: no minutes of C compilation on a fresh machine
 
 
 def _trial(weeks: int = 10) -> pd.DataFrame:
@@ -50,7 +51,7 @@ def pred(trial):
 
 @pytest.fixture(scope="module")
 def fn(pred):
-    return pred.compile(OUTPUTS)
+    return pred.compile(OUTPUTS, mode=MODE)
 
 
 def _individual(pred, seed=3):
@@ -83,7 +84,7 @@ def test_gradient_equals_finite_differences(pred):
     cost = (pt.log(y["MSPIKE"]) ** 2).sum() + (y["XPO1_INH"] ** 2).sum()
     wrt = ["KKILL", "KINACT", "CL", "KG", "FRES"]
     f = pytensor.function([P[k] for k in names], [cost, *pytensor.grad(cost, [P[k] for k in wrt])],
-                          on_unused_input="ignore")
+                          on_unused_input="ignore", mode=MODE)
     theta = _individual(pred, seed=5)
     out = f(*[theta[k] for k in names])
     for j, k in enumerate(wrt):
@@ -105,6 +106,8 @@ def test_affine_scan_equals_a_loop():
     for j in range(37):
         x = A[:, j] * x + b[:, j]
         np.testing.assert_allclose(P[:, j] * x0 + Q[:, j], x, rtol=1e-12)
+    np.testing.assert_allclose(prefix_sum(b, 37, xp=np), np.cumsum(b, axis=-1), rtol=1e-12,
+                               atol=1e-12)
 
 
 def test_phi_functions_are_smooth_through_zero():
@@ -115,20 +118,20 @@ def test_phi_functions_are_smooth_through_zero():
     np.testing.assert_allclose(phi2(z, xp=np), exact2, rtol=1e-9)
 
 
-def test_predictor_uses_the_periodic_graph_only_where_it_holds(trial):
+def test_predictor_builds_the_periodic_graph_only_where_it_holds(trial):
     m = load_model("smm_mspike")
-    assert isinstance(predictor(m, trial), PeriodicPredictor)
-    assert isinstance(predictor(m, trial, method="sensitivity"), NonlinearPredictor)
+    assert isinstance(predictor(m, trial, method="periodic"), PeriodicPredictor)
+    assert isinstance(predictor(m, trial), NonlinearPredictor)  # default: sensitivities
     # a missed dose still repeats (weeks 0-3 and 5 every 6 weeks); jittered times do not
     missed = trial.drop(index=trial.index[(trial["ID"] == 1) & (trial["EVID"] == 1)][4])
-    assert isinstance(predictor(m, missed.reset_index(drop=True)), PeriodicPredictor)
+    assert isinstance(predictor(m, missed.reset_index(drop=True), method="periodic"),
+                      PeriodicPredictor)
     jitter = trial.copy()
     dose = (jitter["EVID"] == 1) & (jitter["TIME"] > 0)
     jitter.loc[dose, "TIME"] += np.random.default_rng(1).uniform(0, 12, dose.sum())
     jitter = jitter.sort_values(["ID", "TIME"], kind="stable").reset_index(drop=True)
     with pytest.raises(Unsupported, match="do not repeat"):
-        PeriodicPredictor(m, jitter)
-    assert isinstance(predictor(m, jitter), NonlinearPredictor)
+        predictor(m, jitter, method="periodic")
     # records after the last dosing period: not covered either
     late = pd.concat([trial, trial.iloc[[-1]].assign(TIME=168.0 * 12)], ignore_index=True)
     with pytest.raises(Unsupported, match="after its last dosing period"):
@@ -144,7 +147,7 @@ def test_single_dose_subjects_form_one_period():
                          for t in (0.5, 2.0, 12.0, 48.0, 200.0)]])
     m = load_model("selinexor_xpo1")
     p = PeriodicPredictor(m, df)
-    got = p.compile(["CP", "XPO1_INH"])(p.individual_typical())
+    got = p.compile(["CP", "XPO1_INH"], mode=MODE)(p.individual_typical())
     ref = simulate(m, df, method="ode")[df["EVID"] == 0]
     np.testing.assert_allclose(got["CP"], ref["CP"], rtol=1e-6, atol=1e-6)  # ng/mL
     np.testing.assert_allclose(got["XPO1_INH"], ref["XPO1_INH"], rtol=0.01)
