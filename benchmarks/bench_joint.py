@@ -16,7 +16,13 @@ full spec takes hours, so this script measures what the wall time is made of and
 The same is measured for the sequential (IPP) alternative: the PK fit (closed form, nutpie,
 measured in full) and the M-spike fit with each patient's PK fixed (fits/selinexor_smm_pd.toml).
 
+The periodic likelihood (``fit(..., likelihood="periodic")``, pkpd.periodic_likelihood) of
+the same spec is measured too: build, compilation and gradient with PyTensor's C backend and,
+if JAX is installed, its JAX backend (``--periodic-only``: just that, assuming 50 leapfrog
+steps per iteration).
+
     python benchmarks/bench_joint.py [--probe 30] [--out benchmarks/results/bench_joint.json]
+    python benchmarks/bench_joint.py --periodic-only
 """
 
 from __future__ import annotations
@@ -78,15 +84,82 @@ def _measure(spec, probe: int, label: str) -> dict:
             "projected_wall_s": round(projected, 0)}
 
 
+def _gradient_fn_ms(fn, point: dict, names: list[str], repeats: int = 20) -> float:
+    args = [point[k] for k in names]
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        [np.asarray(x) for x in fn(*args)]  # JAX returns before it has computed
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
+
+
+def _measure_periodic(spec, steps_per_iteration: float) -> dict:
+    """The periodic likelihood graph (pkpd.periodic_likelihood) of the same spec: build,
+    compilation and one gradient of the log density with PyTensor's C backend (PyMC's
+    sampler) and, if JAX is installed, its JAX backend; projected wall time of the spec's
+    sampler settings with ``steps_per_iteration`` leapfrog steps per NUTS iteration."""
+    import pytensor
+
+    print("[periodic] build", flush=True)
+    t = time.perf_counter()
+    b = build(spec.model, spec.data, spec.endpoints, priors=spec.priors,
+              omega_scale=spec.omega_scale, iiv=spec.iiv, prior_sd=spec.prior_sd,
+              centred=spec.centred, where=str(spec.path), individual=spec.individual,
+              likelihood="periodic")
+    t_build = time.perf_counter() - t
+    m = b.pm_model
+    values = m.value_vars
+    logp = m.logp()
+    outs = [logp, *pytensor.grad(logp, values)]
+    point = m.initial_point()
+    names = [v.name for v in values]
+    pr = b.predictor
+    res = {"build_s": round(t_build, 1),
+           "grid": {"fine_steps_per_period": pr._K, "coarse_points_per_period": pr._G,
+                    "periods": pr._Nmax}}
+    s = spec.sampler
+    iters = s.draws + s.tune
+    parallel = min(s.chains, os.cpu_count() or 1)
+    modes = ["C"]
+    try:
+        import jax  # noqa: F401
+
+        modes.append("JAX")
+    except ImportError:
+        pass
+    for mode in modes:
+        print(f"[periodic] compile ({mode})", flush=True)
+        t = time.perf_counter()
+        fn = pytensor.function(values, outs, mode=None if mode == "C" else mode)
+        [np.asarray(x) for x in fn(*[point[k] for k in names])]
+        t_comp = time.perf_counter() - t
+        grad = _gradient_fn_ms(fn, point, names)
+        res[mode] = {"compile_s": round(t_comp, 1), "gradient_ms": round(grad, 2),
+                     "projected_wall_s": round(t_build + t_comp + s.chains * iters
+                                               * steps_per_iteration * grad / 1000
+                                               / parallel, 0)}
+        print(f"[periodic] {mode}: compile {t_comp:.1f} s, gradient {grad:.2f} ms", flush=True)
+    res["steps_per_iteration_assumed"] = steps_per_iteration
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--probe", type=int, default=30)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_joint.json"))
+    ap.add_argument("--periodic-only", action="store_true",
+                    help="measure only the periodic likelihood (steps per iteration: 50)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     load = os.getloadavg()[0]
-    joint = _measure(load_spec(ROOT / "fits" / "selinexor_smm_joint.toml"), args.probe,
-                     "joint")
+    spec = load_spec(ROOT / "fits" / "selinexor_smm_joint.toml")
+    if args.periodic_only:
+        result = {"n_patients": 60, "weeks": 104, "load_average_at_start": round(load, 2),
+                  "target_s": 600, "joint_periodic": _measure_periodic(spec, 50.0)}
+        _write(result, Path(args.out).with_name("bench_joint_periodic.json"))
+        return
+    joint = _measure(spec, args.probe, "joint")
     # sequential: the PK fit in full (its individual.csv feeds the PD spec), then the PD probe
     with tempfile.TemporaryDirectory() as tmp:
         pk_spec = load_spec(ROOT / "fits" / "selinexor_smm_pk.toml")
@@ -100,10 +173,14 @@ def main() -> None:
         pd_part = _measure(pd_spec, args.probe, "ipp")
     ipp = {"pk_fit_wall_s": round(t_pk, 1), "pd": pd_part,
            "projected_wall_s": round(t_pk + pd_part["projected_wall_s"], 0)}
+    periodic = _measure_periodic(spec, joint["probe"]["steps_per_iteration"])
     result = {"n_patients": 60, "weeks": 104, "load_average_at_start": round(load, 2),
-              "target_s": 600, "joint": joint, "ipp": ipp}
+              "target_s": 600, "joint": joint, "joint_periodic": periodic, "ipp": ipp}
+    _write(result, Path(args.out))
+
+
+def _write(result: dict, out: Path) -> None:
     print(json.dumps(result, indent=2))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
