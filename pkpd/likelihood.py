@@ -189,6 +189,20 @@ def _id(v) -> str:
     return str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v)
 
 
+def subject_layout(data: Dataset | pd.DataFrame, model: Model):
+    """The data set checked against ``model``, with each record's subject index (subjects in
+    order of first appearance of ID): (dataset, first-record mask, subject index, number of
+    subjects, subject IDs, the NONMEM event columns as float arrays)."""
+    ds = for_model(data, model)
+    df = ds.data
+    ids = df["ID"].to_numpy()
+    first = np.r_[True, ids[1:] != ids[:-1]]
+    subject = np.cumsum(first) - 1
+    col = {k: df[k].to_numpy(dtype=float) for k in
+           ("TIME", "EVID", "AMT", "CMT", "RATE", "II", "ADDL", "SS")}
+    return ds, first, subject, int(subject[-1]) + 1, ids[first], col
+
+
 class SubjectParameters:
     """Per-subject typical values and covariates, shared by the predictors (needs
     ``self.model``, ``self.n_subjects`` and ``self._cov_sub``)."""
@@ -263,17 +277,10 @@ class LinearPredictor(SubjectParameters):
             raise LikelihoodError(f"{model.name}: non-zero initial amounts are not supported "
                                   "by the closed-form likelihood")
         self.model = model
-        ds = for_model(data, model)
-        self.dataset = ds
+        ds, first, subject, S, self.subject_ids, col = subject_layout(data, model)
+        self.dataset, self.n_subjects = ds, S
         df = ds.data
-        ids = df["ID"].to_numpy()
-        first = np.r_[True, ids[1:] != ids[:-1]]
-        subject = np.cumsum(first) - 1
-        S = self.n_subjects = int(subject[-1]) + 1
-        self.subject_ids = ids[first]
         first_rec = np.flatnonzero(first)
-        col = {k: df[k].to_numpy(dtype=float) for k in
-               ("TIME", "EVID", "AMT", "CMT", "RATE", "II", "ADDL", "SS")}
         evid = col["EVID"].astype(int)
         if rows is None:
             rows = np.flatnonzero(evid == 0)

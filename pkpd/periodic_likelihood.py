@@ -54,8 +54,15 @@ import pandas as pd
 import pytensor.tensor as pt
 import sympy as sp
 
-from .dataset import Dataset, for_model
-from .likelihood import LinearPredictor, SubjectParameters, _covariant_entries, _id, to_pytensor
+from .dataset import Dataset
+from .likelihood import (
+    LinearPredictor,
+    SubjectParameters,
+    _covariant_entries,
+    _id,
+    subject_layout,
+    to_pytensor,
+)
 from .model import TIME, Model
 from .solvers.linear import block_eigenvalues
 from .solvers.periodic import Unsupported, _grid, split
@@ -182,16 +189,9 @@ class PeriodicPredictor(SubjectParameters):
         self.model = model
         self.split = split(model)
         self.chain = _chain(model, self.split)
-        ds = for_model(data, model)
-        self.dataset = ds
+        ds, first, subject, S, self.subject_ids, col = subject_layout(data, model)
+        self.dataset, self.n_subjects = ds, S
         df = ds.data
-        ids = df["ID"].to_numpy()
-        first = np.r_[True, ids[1:] != ids[:-1]]
-        subject = np.cumsum(first) - 1
-        S = self.n_subjects = int(subject[-1]) + 1
-        self.subject_ids = ids[first]
-        col = {k: df[k].to_numpy(dtype=float) for k in
-               ("TIME", "EVID", "AMT", "CMT", "RATE", "II", "ADDL", "SS")}
         evid = col["EVID"].astype(int)
         where = ds.source
         if np.any((evid == 3) | (evid == 4)):

@@ -26,9 +26,9 @@ from pytensor.gradient import DisconnectedType
 from pytensor.graph.basic import Apply
 from pytensor.graph.op import Op
 
-from .dataset import Dataset, for_model
+from .dataset import Dataset
 from .events import Doses, build_events
-from .likelihood import SubjectParameters
+from .likelihood import SubjectParameters, subject_layout
 from .model import TIME, Model
 from .solvers.compiled import integrate_events, kernel_source, load_kernel
 
@@ -92,16 +92,9 @@ class NonlinearPredictor(SubjectParameters):
         if unknown:
             raise SensitivityError(f"{model.name}: no outputs {', '.join(unknown)}")
         self.outputs = tuple(model.outputs) if outputs is None else tuple(outputs)
-        ds = for_model(data, model)
+        ds, first, subject, self.n_subjects, self.subject_ids, col = subject_layout(data, model)
         df = ds.data
         self.dataset = ds
-        ids = df["ID"].to_numpy()
-        first = np.r_[True, ids[1:] != ids[:-1]]
-        subject = np.cumsum(first) - 1
-        self.n_subjects = int(subject[-1]) + 1
-        self.subject_ids = ids[first]
-        col = {k: df[k].to_numpy(dtype=float) for k in
-               ("TIME", "EVID", "AMT", "CMT", "RATE", "II", "ADDL", "SS")}
         if np.any(col["SS"] > 0):
             raise SensitivityError(f"{ds.source}: steady-state records (SS) are not supported "
                                    "by the nonlinear likelihood yet")

@@ -144,25 +144,29 @@ def test_trial_engines_agree(regimen):
     assert off.mean() <= 0.01, off.sum()
 
 
+def _one_unusual_clearance(cl5: float, n: int = 30):
+    """Half a year of 100 mg QW for n patients with CL/F 17.9 L/h except patient 5 (cl5):
+    the default engine (no fallback warning for the whole trial), the same patients all at
+    17.9 L/h, and the ode engine; with the mask of the usual patients."""
+    import warnings
+
+    cl = np.full(n, 17.9)
+    cl[5] = cl5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "periodic engine does not apply" warning
+        mixed = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": cl})
+    periodic = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": np.full(n, 17.9)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ode = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": cl}, engine="ode")
+    return mixed, periodic, ode, np.arange(n) != 5
+
+
 def test_patients_outside_the_periodic_assumption_use_the_ode_engine():
     """A patient whose doses do not die out within two weeks (here a clearance of 0.5 L/h)
     is simulated with the ode engine, the others with the periodic one (no fallback of the
     whole trial): each patient's results are those of the engine used for them."""
-    import warnings
-
-    n = 30
-    cl = np.full(n, 17.9)
-    cl[5] = 0.5
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "periodic engine does not apply" warning
-        mixed = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": cl})
-    normal = cl.copy()
-    normal[5] = 17.9
-    periodic = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": normal})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ode = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": cl}, engine="ode")
-    rest = np.arange(n) != 5
+    mixed, periodic, ode, rest = _one_unusual_clearance(0.5)
     assert mixed.patients[rest].equals(periodic.patients[rest])
     np.testing.assert_array_equal(mixed.mspike[rest], periodic.mspike[rest])
     assert mixed.patients.iloc[5].equals(ode.patients.iloc[5])
@@ -209,19 +213,7 @@ def test_a_slow_eliminator_gets_a_longer_memory_alone():
     """With a clearance of 4 L/h one patient needs the doses of two earlier weeks (memory 2,
     per patient): the other patients keep memory 1 and are simulated exactly as without
     him; his course matches the ode engine (M-spike and weekly platelet minimum, 0.5 %)."""
-    import warnings
-
-    n = 30
-    cl = np.full(n, 17.9)
-    cl[5] = 4.0
-    slow = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": cl})
-    normal = cl.copy()
-    normal[5] = 17.9
-    periodic = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": normal})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ode = run_trial("100 mg QW", n=n, years=0.5, seed=3, theta={"CL": cl}, engine="ode")
-    rest = np.arange(n) != 5
+    slow, periodic, ode, rest = _one_unusual_clearance(4.0)
     np.testing.assert_array_equal(slow.mspike[rest], periodic.mspike[rest])
     np.testing.assert_array_equal(slow.platelets[rest], periodic.platelets[rest])
     assert np.abs(slow.mspike[5] / ode.mspike[5] - 1).max() < 5e-3
