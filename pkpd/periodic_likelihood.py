@@ -340,7 +340,6 @@ class PeriodicPredictor(SubjectParameters):
 
     def _check_carry(self, tol: float) -> None:
         """What is left of a dose one period later, at the model's typical values."""
-        s = self.split
         idx, lin = self.model.linear_part
         typ = self.individual_typical()
         A = np.zeros((self.n_subjects, len(idx), len(idx)))
@@ -356,7 +355,6 @@ class PeriodicPredictor(SubjectParameters):
             raise Unsupported(f"{left[j]:.1e} of a dose is left in the PK compartments one "
                               f"{self._P[j]:g}-h period later (above {tol:g}; ID "
                               f"{_id(self.subject_ids[j])}): periods are not independent")
-        del s
 
     # -- graph -------------------------------------------------------------------------
     def predict(self, params: Mapping[str, object], outputs: Sequence[str] | None = None
