@@ -261,7 +261,9 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
         model.individual[k].free_symbols & est_syms if k in model.individual else
         k in estimated))]
     # closed form, or compiled sensitivities of the individual parameters that vary and of
-    # the states the endpoints need (see pkpd.sensitivity.predictor for its tolerances)
+    # the states the endpoints need, or (likelihood="periodic") the periodic graph, which
+    # needs grid points only where outputs of driven/slow states are observed (see
+    # pkpd.sensitivity.predictor)
     out_rows: dict[str, list] = {}
     for ep, o in zip(endpoints, obs.values(), strict=True):
         out_rows.setdefault(ep.output, []).extend(o["rows"])

@@ -304,8 +304,8 @@ class PeriodicPredictor(SubjectParameters):
         self._ci = np.array([np.searchsorted(f, c) for f, c in zip(fpad, cpad, strict=True)])
         # coarse times of the slow chain, (S, Nmax·G + 1), from each subject's first dose
         tc = (np.arange(Nmax)[None, :, None] * self._P[:, None, None] + cpad[:, None, :])
-        self._tc = np.concatenate([tc.reshape(S, Nmax * G), (Nmax * self._P)[:, None]], axis=1)
-        self._hc = np.diff(self._tc, axis=1)
+        tc = np.concatenate([tc.reshape(S, Nmax * G), (Nmax * self._P)[:, None]], axis=1)
+        self._hc = np.diff(tc, axis=1)
         g_row = np.array([int(np.searchsorted(coarse[s_], tau[j] + 1e-9, side="right")) - 1
                           for j, s_ in enumerate(row_sub)], dtype=int)
         self._row_index = np.where(n_row >= Nmax, Nmax * G, n_row * G + g_row)
