@@ -32,7 +32,15 @@ platelet chain within 2 % of the reference (3.4 % before).
 A whole course with a per-subject dose rule (hold below a threshold, restart one level
 lower) runs in one compiled loop per subject (:meth:`PeriodicSolver.run_ladder`), composing
 each subject's maps when its pattern pair changes; :meth:`PeriodicSolver.run` advances one
-period for all subjects with patterns chosen by the caller.
+period for all subjects with patterns chosen by the caller. ``run_ladder`` steps the slow
+states in groups that read no other group's states (:func:`_components`: e.g. the platelet
+chain; the clone burden with M-protein, sFLC and hazards). Under unchanged maps a group
+whose period start repeats the last stepped one's within ``skip_tol`` (relative) is on its
+periodic orbit: it is not stepped, its trajectory within the period repeats (e.g. the
+platelet chain in 66 % of the weeks at 100 mg QW, 98 % without drug). A group without
+drivers whose rates barely change over the period (``whole_tol``; e.g. the burden without
+drug) takes one step of the whole period. Driven states that no slow rate, monitor or
+accumulated sum reads within the period (e.g. adverse-event hazards) take the period's map.
 
 Assumed, and checked: what is left of a period's doses 1 + ``memory`` periods later is
 negligible (below ``carry_tol`` of them; the maps depend on the patterns of this and the
@@ -90,6 +98,7 @@ class LadderResult:
     total: np.ndarray  # (n,) sum of ``accumulate`` at the samples
     which: np.ndarray  # (n, periods) pattern followed
     state: LadderState
+    skipped: np.ndarray | None = None  # (n, groups) periods each group was not stepped
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,21 @@ def _grid(dose_times: Sequence[float], edges: np.ndarray) -> np.ndarray:
     return g[(g >= 0) & (g <= edges[-1])]
 
 
+_GROUP_RATES = """
+
+@njit(cache=True, inline="always", fastmath=True)
+def rates_{k}(p, x, f, d, a, b, memo):
+    # slow_rates of group {k} only
+{body}
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def own_{k}(p, f, d, a):
+    # the own rates a of group {k} that vary with the driven states
+{own}
+
+"""
+
 _KERNEL = """
 import math
 import numpy as np
@@ -175,6 +199,7 @@ def slow_rates(p, x, f, d, a, b, memo):
 {body}
 
 
+{group_rates}
 NPOW = {NPOW}
 
 
@@ -182,17 +207,18 @@ NPOW = {NPOW}
 def _mpow(x, y, memo, k):
     # _pow remembering its last arguments at call site k: a base that depends only on states
     # whose predictor is their corrected value (e.g. tumour burden) comes back unchanged at
-    # the start of the next step; one that the corrector moved by a relative r < 1e-3 (e.g.
-    # a platelet count; also |y·r| < 1e-3) from the last value by (1 + r)^y to 4 terms
-    # (relative error below (|y| + 3)⁴·r⁴/24 < 1.1e-11)
+    # the start of the next step; one that moved by a relative r with (|y| + 6)·|r| < 0.05
+    # (e.g. a platelet count, or the burden over a day) from the last value by (1 + r)^y to
+    # 7 terms (relative error below ((|y| + 6)·|r|)⁷/7! < 1.6e-13)
     if y == memo[3 * k + 1]:
         x0 = memo[3 * k]
         if x == x0:
             return memo[3 * k + 2]
         r = x / x0 - 1.0
-        if abs(r) < 1e-3 and abs(y * r) < 1e-3:
-            v = memo[3 * k + 2] * (1.0 + y * r * (1.0 + 0.5 * (y - 1.0) * r * (
-                1.0 + (y - 2.0) * r / 3.0)))
+        if abs(r) * (abs(y) + 6.0) < 0.05:
+            v = memo[3 * k + 2] * (1.0 + y * r * (1.0 + (y - 1.0) * r / 2.0 * (
+                1.0 + (y - 2.0) * r / 3.0 * (1.0 + (y - 3.0) * r / 4.0 * (
+                    1.0 + (y - 4.0) * r / 5.0 * (1.0 + (y - 5.0) * r / 6.0))))))
             memo[3 * k] = x
             memo[3 * k + 2] = v
             return v
@@ -249,6 +275,7 @@ def compose_one(p, lam, unit, t_d, a_d, g, edges, maps, dbar, a, c, d, y):
                 maps[j, 3, q] = h * h * p2 * c[0, q]
             for q in range(nD):
                 dbar[j, q] = d[0, q]
+        _whole_period(g, edges, maps, dbar)
         return
     # modal amplitudes of the PK at g[m]: w_q = Σ_k a_k·e^{λ_q (g[m] − t_k)} over the doses
     # given by then, carried from one grid point to the next (e^{λ_q Δ} kept while Δ repeats)
@@ -303,6 +330,29 @@ def compose_one(p, lam, unit, t_d, a_d, g, edges, maps, dbar, a, c, d, y):
             for m in range(lo, hi):
                 acc += 0.5 * (g[m + 1] - g[m]) * (d[m, q] + d[m + 1, q])
             dbar[j, q] = acc / width
+    _whole_period(g, edges, maps, dbar)
+
+
+@njit(cache=True, inline="always")
+def _whole_period(g, edges, maps, dbar):
+    # row `steps` of maps and dbar: the steps' maps composed over the whole period
+    # (x_j = A·x + B at step start j, ∫ = Σ γ_j·x_j + δ_j) and the period means of drivers
+    steps = edges.shape[0] - 1
+    nd = maps.shape[2]
+    total = g[edges[steps]] - g[edges[0]]
+    for q in range(nd):
+        A, B, G, D = 1.0, 0.0, 0.0, 0.0
+        for j in range(steps):
+            al, be, ga, de = maps[j, 0, q], maps[j, 1, q], maps[j, 2, q], maps[j, 3, q]
+            G += ga * A
+            D += ga * B + de
+            A, B = al * A, al * B + be
+        maps[steps, 0, q], maps[steps, 1, q], maps[steps, 2, q], maps[steps, 3, q] = A, B, G, D
+    for q in range(dbar.shape[1]):
+        acc = 0.0
+        for j in range(steps):
+            acc += dbar[j, q] * (g[edges[j + 1]] - g[edges[j]])
+        dbar[steps, q] = acc / total
 
 
 @njit(cache=True, parallel=True)
@@ -329,16 +379,20 @@ def advance(p, xd, xs, maps, dbar, widths, co, out):
     ns = xs.shape[1]
     for i in prange(n):
         advance_one(p[i], xd[i], xs[i], maps[i], dbar[i], widths, co[i], out[i],
-                    np.empty(nd + 5 * ns + 3 * NPOW))
+                    np.empty(2 * nd + 5 * ns + 3 * NPOW))
 
 
 @njit(cache=True, parallel=True)
 def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, co, xd, xs, maps, dbar,
            loaded, prev, mem, levels, off, level, held, stopped,
            mon, samples, hold_below, resume_at, rec_cols, acc_col, n_periods,
-           rec, low, acc, which, first_resume, period0):
+           rec, low, acc, which, first_resume, period0, outs, last, group, stepd,
+           skip_tol, skipped, ctol):
     # n_periods periods for every subject i (prange), the pattern of each chosen by the
-    # hold-and-reduce rule (see PeriodicSolver.run_ladder); state arrays updated in place
+    # hold-and-reduce rule (see PeriodicSolver.run_ladder); state arrays updated in place.
+    # A group of slow states (group: id per slow state) is not stepped in a period whose maps
+    # are those of the last period and whose start differs from the last stepped period's
+    # start (last) by at most skip_tol relatively: its trajectory repeats (outs keeps it)
     n, nd = xd.shape
     ns = xs.shape[1]
     nm, npk = unit.shape[1], unit.shape[2]
@@ -347,8 +401,10 @@ def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, co, xd, xs, map
     U, W = pat_t.shape
     steps = widths.shape[0]
     for i in prange(n):
-        out = np.empty((steps, nd + ns))
-        buf = np.empty(nd + 5 * ns + 3 * NPOW)
+        out = outs[i]
+        buf = np.empty(2 * nd + 6 * ns + 3 * NPOW)
+        fs = np.empty((steps, nd))
+        sk = np.zeros(skipped.shape[1], np.bool_)
         ga = np.empty((ng, nd))
         gc = np.empty((ng, nd))
         gd = np.empty((ng, nD))
@@ -375,11 +431,23 @@ def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, co, xd, xs, map
                 compose_one(p[i], lam[i], unit[i], t_d, a_d, g, edges, maps[i], dbar[i],
                             ga, gc, gd, y)
                 loaded[i] = code
+                last[i, :] = np.nan
             for r in range(M - 1, 0, -1):
                 prev[i, r] = prev[i, r - 1]
             prev[i, 0] = u
             start = xd[i, mon] if mon < nd else xs[i, mon - nd]
-            advance_one(p[i], xd[i], xs[i], maps[i], dbar[i], widths, co[i], out, buf)
+            sk[:] = skip_tol > 0.0
+            for q in range(ns):
+                if not abs(xs[i, q] - last[i, q]) <= skip_tol * abs(xs[i, q]):
+                    sk[group[q]] = False
+            for q in range(ns):
+                if not sk[group[q]]:
+                    last[i, q] = xs[i, q]
+            for k in range(sk.shape[0]):
+                if sk[k]:
+                    skipped[i, k] += 1
+            advance_groups(p[i], xd[i], xs[i], maps[i], dbar[i], widths, co[i], out, buf,
+                           stepd, sk, fs, ctol, period)
             lo = start
             s = 0.0
             for k in samples:
@@ -444,6 +512,30 @@ def _kernel_source(model: Model, s: Split) -> tuple[str, list[bool]]:
     mpow = _MPow({"fully_qualified_modules": True})
     lines = assignments([*a_sl, *b_sl], names,
                         lambda q, e: f"{'a' if q < m else 'b'}[{q % m}] = {e}", mpow)
+    groups = _components([xs[i] for i in s.slow], a_sl, b_sl)
+    parts = []  # the same rates for each group alone (own memo sites)
+    sub = _MPow({"fully_qualified_modules": True})
+    for qs in groups:
+        parts.append(assignments([*(a_sl[q] for q in qs), *(b_sl[q] for q in qs)], names,
+                                 lambda k, e, qs=qs: f"{'a' if k < len(qs) else 'b'}"
+                                 f"[{qs[k % len(qs)]}] = {e}", sub))
+    # groups that may be stepped once per period (see _advance_source)
+    drv, dri, slw = {xs[i] for i in s.driven}, set(s.driver_symbols), {xs[i] for i in s.slow}
+    whole = [all(not ((a_sl[q].free_symbols | b_sl[q].free_symbols) & dri)
+                 and not (b_sl[q].free_symbols & drv)
+                 and not (a_sl[q].free_symbols & drv and a_sl[q].free_symbols & slw)
+                 for q in qs) for qs in groups]
+    # their own rates that vary with the driven states (checked over the period's steps)
+    owns = []
+    for k, qs in enumerate(groups):
+        vary = [q for q in qs if a_sl[q].free_symbols & drv] if whole[k] else []
+        owns.append(vary)
+        src_own = assignments([a_sl[q] for q in vary], names,
+                              lambda j, e, vary=vary: f"a[{vary[j]}] = {e}", sub)
+        parts[k] = (parts[k], src_own)
+    # driven states a slow rate reads within the period (the others: period maps)
+    read = set().union(*(a_sl[q].free_symbols | b_sl[q].free_symbols for q in range(m)))
+    reads = [xs[i] in read for i in s.driven]
     # driven: dx/dt = a(PK)·x + c(PK); and the drivers, functions of the PK amounts y
     a_dr, c_dr = [], []
     for i in s.driven:
@@ -459,92 +551,201 @@ def _kernel_source(model: Model, s: Split) -> tuple[str, list[bool]]:
                                        else f"d[{q - 2 * nd}]") + f" = {e}",
                          _Pow({"fully_qualified_modules": True}))
     src = _KERNEL.replace("{body}", "\n".join(lines) or "    pass")
-    src = src.replace("{NPOW}", str(max(1, mpow.sites)))
+    src = src.replace("{group_rates}", "".join(
+        _GROUP_RATES.replace("{k}", str(k)).replace("{body}", "\n".join(body) or "    pass")
+        .replace("{own}", "\n".join(own) or "    pass") for k, (body, own) in enumerate(parts)))
+    src = src.replace("{NPOW}", str(max(1, mpow.sites, sub.sites)))
     chains = _chains([xs[i] for i in s.slow], a_sl, b_sl, const, variable)
     printer = _Pow({"fully_qualified_modules": True})
     pnames = {a: f"pi[{i}]" for i, a in enumerate(args)}
     slow_syms = {xs[i] for i in s.slow}
     printer._names = pnames
-    adv, table = _advance_source(a_sl, b_sl, const, chains, slow_syms, printer.doprint)
+    adv, table = _advance_source(a_sl, b_sl, const, chains, slow_syms, printer.doprint,
+                                 groups, whole, owns)
     src = src.replace("{advance_one}", adv)
-    return src.replace("{driven_body}", "\n".join(driven) or "    pass"), const, chains, table
+    src = src.replace("{driven_body}", "\n".join(driven) or "    pass")
+    return src, const, chains, table, groups, reads, whole
+
+
+def _components(x: list[sp.Symbol], a: list[sp.Expr], b: list[sp.Expr]) -> list[list[int]]:
+    """The slow states in groups that read no slow state of another group (connected
+    components of "rate reads state"), e.g. the platelet chain apart from the clone burden,
+    M-protein and hazards: under a repeated dosing pattern a group may settle into a periodic
+    orbit alone (:meth:`PeriodicSolver.run_ladder` then stops stepping it)."""
+    group = list(range(len(x)))
+
+    def root(q: int) -> int:
+        while group[q] != q:
+            q = group[q]
+        return q
+
+    for q in range(len(x)):
+        for r in range(len(x)):
+            if r != q and x[r] in (a[q].free_symbols | b[q].free_symbols):
+                group[root(q)] = root(r)
+    out: dict[int, list[int]] = {}
+    for q in range(len(x)):
+        out.setdefault(root(q), []).append(q)
+    return sorted(out.values())
 
 
 def _advance_source(a: list[sp.Expr], b: list[sp.Expr], const: list[bool],
                     chains: list[list[tuple[int, sp.Expr | None]]], slow_syms: set,
-                    code) -> tuple[str, list[tuple]]:
+                    code, groups: list[list[int]], whole: list[bool],
+                    owns: list[list[int]]) -> tuple[str, list[tuple]]:
     """Numba source of one period of one subject (exponential Heun steps, written out per
     slow state with what its structure allows: a = 0, b = 0, a independent of the slow states
-    (then the predictor's factors are exact for the corrector), transit chains); and the
-    layout of the per-subject step coefficients ``co`` (steps, K) it reads: ("ex"|"p1h"|"p2h",
-    q) = e^{ah}, h·φ1(ah), h·φ2(ah) of a constant a; ("E"|"F1"|"F2", chain, r, s) = entries of
-    e^{Mh}, h·φ1(Mh), h·φ2(Mh) of a chain."""
+    (then the predictor's factors are exact for the corrector), transit chains): all slow
+    states together (``advance_one``), or group by group (``groups``, see
+    :func:`_components`), each group skippable, and those marked ``whole`` in one step of the
+    whole period where that is accurate (``advance_groups``): no driver in their rates and
+    the driven states only in an own rate a free of slow states (x·e^{∫a} is then exact with
+    the period means of the driven states; e.g. an XPO1-driven clone kill, not the platelet
+    proliferation, which follows the concentration); and the layout of the
+    per-subject step coefficients ``co`` (steps, K) it reads: ("ex"|"p1h"|"p2h", q) = e^{ah},
+    h·φ1(ah), h·φ2(ah) of a constant a; ("E"|"F1"|"F2", chain, r, s) = entries of e^{Mh},
+    h·φ1(Mh), h·φ2(Mh) of a chain."""
     table: list[tuple] = []
 
     def slot(key: tuple) -> str:
         table.append(key)
         return f"c[{len(table) - 1}]"
 
-    ind = " " * 8
-    links, pred, corr = [], [], []
+    links = []
+    pred: dict[int, list[str]] = {}
+    corr: dict[int, list[str]] = {}
     member = {q: (c, r) for c, ch in enumerate(chains) for r, (q, _) in enumerate(ch)}
     for c, ch in enumerate(chains):
         for r, (_, rate) in enumerate(ch):
             if rate is not None:
                 links.append(f"    k{c}_{r} = {code(rate)}")
     for q in range(len(a)):
+        pr, co = pred[q], corr[q] = [], []
         if q in member:
             c, r = member[q]
             ch = chains[c]
             prev = f" - k{c}_{r} * xs[{ch[r - 1][0]}]" if r else ""
-            pred.append(f"{ind}u0_{q} = b0[{q}]{prev}")
+            pr.append(f"u0_{q} = b0[{q}]{prev}")
             terms = [f"{slot(('E', c, r, s_))} * xs[{ch[s_][0]}] + "
                      f"{slot(('F1', c, r, s_))} * u0_{ch[s_][0]}" for s_ in range(r + 1)]
-            pred.append(f"{ind}pred[{q}] = " + " + ".join(terms))
+            pr.append(f"pred[{q}] = " + " + ".join(terms))
             prev = f" - k{c}_{r} * pred[{ch[r - 1][0]}]" if r else ""
-            corr.append(f"{ind}v_{q} = b1[{q}]{prev} - u0_{q}")
+            co.append(f"v_{q} = b1[{q}]{prev} - u0_{q}")
             terms = [f"{slot(('F2', c, r, s_))} * v_{ch[s_][0]}" for s_ in range(r + 1)]
-            corr.append(f"{ind}xs[{q}] = pred[{q}] + " + " + ".join(terms))
+            co.append(f"xs[{q}] = pred[{q}] + " + " + ".join(terms))
         elif const[q] and a[q] == 0:
-            pred.append(f"{ind}pred[{q}] = xs[{q}] + h * b0[{q}]")
-            corr.append(f"{ind}xs[{q}] = xs[{q}] + 0.5 * h * (b0[{q}] + b1[{q}])")
+            pr.append(f"pred[{q}] = xs[{q}] + h * b0[{q}]")
+            co.append(f"xs[{q}] = xs[{q}] + 0.5 * h * (b0[{q}] + b1[{q}])")
         elif const[q] and b[q] == 0:
             e = slot(("ex", q))
-            pred.append(f"{ind}pred[{q}] = {e} * xs[{q}]")
-            corr.append(f"{ind}xs[{q}] = {e} * xs[{q}]")
+            pr.append(f"pred[{q}] = {e} * xs[{q}]")
+            co.append(f"xs[{q}] = {e} * xs[{q}]")
         elif const[q]:
             e, p1, p2 = slot(("ex", q)), slot(("p1h", q)), slot(("p2h", q))
-            pred.append(f"{ind}pred[{q}] = {e} * xs[{q}] + {p1} * b0[{q}]")
-            corr.append(f"{ind}xs[{q}] = {e} * xs[{q}] + {p1} * b0[{q}] + {p2} * (b1[{q}] - "
-                        f"b0[{q}])")
+            pr.append(f"pred[{q}] = {e} * xs[{q}] + {p1} * b0[{q}]")
+            co.append(f"xs[{q}] = {e} * xs[{q}] + {p1} * b0[{q}] + {p2} * (b1[{q}] - "
+                      f"b0[{q}])")
         elif not (a[q].free_symbols & slow_syms) and b[q] == 0:  # a0 = a1
-            pred.append(f"{ind}e_{q} = math.exp(a0[{q}] * h)")
-            pred.append(f"{ind}pred[{q}] = e_{q} * xs[{q}]")
-            corr.append(f"{ind}xs[{q}] = e_{q} * xs[{q}]")
+            pr.append(f"e_{q} = math.exp(a0[{q}] * h)")
+            pr.append(f"pred[{q}] = e_{q} * xs[{q}]")
+            co.append(f"xs[{q}] = e_{q} * xs[{q}]")
         elif not (a[q].free_symbols & slow_syms):
-            pred.append(f"{ind}ez_{q}, p1_{q}, p2_{q} = _factors(a0[{q}] * h)")
-            pred.append(f"{ind}pred[{q}] = ez_{q} * xs[{q}] + h * p1_{q} * b0[{q}]")
-            corr.append(f"{ind}xs[{q}] = ez_{q} * xs[{q}] + h * (p1_{q} * b0[{q}] + p2_{q} * "
-                        f"(b1[{q}] - b0[{q}]))")
+            pr.append(f"ez_{q}, p1_{q}, p2_{q} = _factors(a0[{q}] * h)")
+            pr.append(f"pred[{q}] = ez_{q} * xs[{q}] + h * p1_{q} * b0[{q}]")
+            co.append(f"xs[{q}] = ez_{q} * xs[{q}] + h * (p1_{q} * b0[{q}] + p2_{q} * "
+                      f"(b1[{q}] - b0[{q}]))")
         elif b[q] == 0:
-            pred.append(f"{ind}pred[{q}] = math.exp(a0[{q}] * h) * xs[{q}]")
-            corr.append(f"{ind}xs[{q}] = math.exp(0.5 * (a0[{q}] + a1[{q}]) * h) * xs[{q}]")
+            pr.append(f"pred[{q}] = math.exp(a0[{q}] * h) * xs[{q}]")
+            co.append(f"xs[{q}] = math.exp(0.5 * (a0[{q}] + a1[{q}]) * h) * xs[{q}]")
         else:
-            pred.append(f"{ind}ez, p1, p2 = _factors(a0[{q}] * h)")
-            pred.append(f"{ind}pred[{q}] = ez * xs[{q}] + h * p1 * b0[{q}]")
-            corr.append(f"{ind}ez, p1, p2 = _factors(0.5 * (a0[{q}] + a1[{q}]) * h)")
-            corr.append(f"{ind}xs[{q}] = ez * xs[{q}] + h * (p1 * b0[{q}] + p2 * (b1[{q}] - "
-                        f"b0[{q}]))")
+            pr.append(f"ez, p1, p2 = _factors(a0[{q}] * h)")
+            pr.append(f"pred[{q}] = ez * xs[{q}] + h * p1 * b0[{q}]")
+            co.append(f"ez, p1, p2 = _factors(0.5 * (a0[{q}] + a1[{q}]) * h)")
+            co.append(f"xs[{q}] = ez * xs[{q}] + h * (p1 * b0[{q}] + p2 * (b1[{q}] - "
+                      f"b0[{q}]))")
+
+    def lines(qs, part: dict, ind: str) -> str:
+        return "\n".join(ind + ln for q in qs for ln in part[q]) or ind + "pass"
+
+    every = range(len(a))
     src = _ADVANCE.replace("{links}", "\n".join(links) or "    pass")
-    src = src.replace("{pred}", "\n".join(pred) or f"{ind}pass")
-    return src.replace("{corr}", "\n".join(corr) or f"{ind}pass"), table
+    src = src.replace("{pred}", lines(every, pred, " " * 8))
+    src = src.replace("{corr}", lines(every, corr, " " * 8))
+    blocks = []
+    for k, qs in enumerate(groups):
+        if whole[k]:
+            blocks.append(_GROUP_WHOLE.replace("{k}", str(k)).replace(
+                "{pred}", lines(qs, pred, " " * 8)).replace("{corr}", lines(qs, corr, " " * 8))
+                .replace("{save}", "\n".join(f"        sv[{q}] = xs[{q}]" for q in qs))
+                .replace("{vary}", "\n".join(
+                    [f"    own_{k}(pi, fbar, db[steps], a0)"]
+                    + [f"    dv_{q} = 0.0" for q in owns[k]]
+                    + ["    for j in range(steps):",
+                       f"        own_{k}(pi, fs[j], db[j], a1)"]
+                    + [f"        dv_{q} += (a1[{q}] - a0[{q}]) * widths[j]\n"
+                       f"        ok = ok and abs(dv_{q}) <= ctol[{k}] * ctol[{k}]"
+                       for q in owns[k]]) if owns[k] else "")
+                .replace("{check}", "\n".join(
+                    f"        ok = ok and abs(b1[{q}] - b0[{q}]) <= ctol[{k}] * max(abs(b0[{q}]), "
+                    f"abs(b1[{q}])) and abs(a1[{q}] - a0[{q}]) * h <= ctol[{k}]" for q in qs))
+                .replace("{restore}", "\n".join(f"            xs[{q}] = sv[{q}]" for q in qs))
+                .replace("{end}", "\n".join(f"            out[steps - 1, nd + {q}] = xs[{q}]"
+                                             for q in qs)))
+        blocks.append(_GROUP_STEPS.replace("{k}", str(k)).replace(
+            "{pred}", lines(qs, pred, " " * 12)).replace("{corr}", lines(qs, corr, " " * 12))
+            .replace("{out}", "\n".join(f"            out[j, nd + {q}] = xs[{q}]" for q in qs))
+            .replace("{cond}", f"not skip[{k}] and not whole_{k}" if whole[k]
+                     else f"not skip[{k}]"))
+    return src.replace("{groups}", "".join(blocks)), table
+
+
+# one exponential Heun step of the whole period for a group (period means of the driven
+# states and drivers), taken if the exponent ∫a of each own rate a that varies with the
+# driven states stays within ctol² of linear in time over the period's steps, and kept if
+# the rates changed by at most ctol relatively over the period (the local error of the step
+# is then ≈ ctol²/12 of the period's change); else undone
+_GROUP_WHOLE = """
+    whole_{k} = False
+    ok = True
+{vary}
+    if not skip[{k}] and ctol[{k}] > 0.0 and ok:
+        h = period
+        f = fbar
+        d = db[steps]
+        c = co[steps]
+{save}
+        rates_{k}(pi, xs, f, d, a0, b0, memo)
+{pred}
+        rates_{k}(pi, pred, f, d, a1, b1, memo)
+{corr}
+{check}
+        if ok:
+            whole_{k} = True
+{end}
+        else:
+{restore}"""
+
+
+_GROUP_STEPS = """
+    if {cond}:
+        for j in range(steps):
+            h = widths[j]
+            f = fs[j]
+            d = db[j]
+            c = co[j]
+            rates_{k}(pi, xs, f, d, a0, b0, memo)
+{pred}
+            rates_{k}(pi, pred, f, d, a1, b1, memo)
+{corr}
+{out}"""
 
 
 _ADVANCE = """@njit(cache=True, inline="always")
 def advance_one(pi, xd, xs, mp, db, widths, co, out, buf):
     # one period of one subject (generated by _advance_source): xd (nd,), xs (ns,) updated in
-    # place; mp (steps, 4, nd) = α, β, γ, δ of this period; db (steps, nD); co (steps, K);
-    # out (steps, nd + ns); buf scratch (nd + 5·ns + 3·NPOW)
+    # place; mp (steps + 1, 4, nd) = α, β, γ, δ of this period's steps (and of the whole
+    # period); db (steps + 1, nD); co (steps + 1, K); out (steps, nd + ns); buf scratch
+    # (2·nd + 5·ns + 3·NPOW)
     nd = xd.shape[0]
     ns = xs.shape[0]
     f = buf[:nd]
@@ -553,7 +754,7 @@ def advance_one(pi, xd, xs, mp, db, widths, co, out, buf):
     a1 = buf[nd + 2 * ns:nd + 3 * ns]
     b1 = buf[nd + 3 * ns:nd + 4 * ns]
     pred = buf[nd + 4 * ns:nd + 5 * ns]
-    memo = buf[nd + 5 * ns:]
+    memo = buf[nd + 5 * ns:nd + 5 * ns + 3 * NPOW]
     memo[:] = np.nan
 {links}
     for j in range(widths.shape[0]):
@@ -571,7 +772,50 @@ def advance_one(pi, xd, xs, mp, db, widths, co, out, buf):
         slow_rates(pi, pred, f, d, a1, b1, memo)
 {corr}
         for q in range(ns):
-            out[j, nd + q] = xs[q]"""
+            out[j, nd + q] = xs[q]
+
+
+@njit(cache=True, inline="always")
+def advance_groups(pi, xd, xs, mp, db, widths, co, out, buf, stepd, skip, fs, ctol, period):
+    # the same period group by group (groups of slow states that read no other group's
+    # states); a group with skip[k] is not stepped (its trajectory repeats that of the last
+    # period: out keeps it); the driven states with stepd False by their period maps (out:
+    # their period end only); fs (steps, nd) scratch: the driven states' step means; a group
+    # with ctol[k] > 0 (and marked whole by _advance_source) in one step of the period where
+    # accurate
+    nd = xd.shape[0]
+    ns = xs.shape[0]
+    steps = widths.shape[0]
+    a0 = buf[nd:nd + ns]
+    b0 = buf[nd + ns:nd + 2 * ns]
+    a1 = buf[nd + 2 * ns:nd + 3 * ns]
+    b1 = buf[nd + 3 * ns:nd + 4 * ns]
+    pred = buf[nd + 4 * ns:nd + 5 * ns]
+    memo = buf[nd + 5 * ns:nd + 5 * ns + 3 * NPOW]
+    fbar = buf[:nd]
+    sv = buf[2 * nd + 5 * ns + 3 * NPOW:]
+    memo[:] = np.nan
+{links}
+    for q in range(nd):
+        fbar[q] = 0.0
+    for j in range(steps):
+        ih = 1.0 / widths[j]
+        for q in range(nd):
+            if stepd[q]:
+                x0 = xd[q]
+                v = mp[j, 2, q] * x0 + mp[j, 3, q]
+                fbar[q] += v
+                fs[j, q] = v * ih
+                xd[q] = mp[j, 0, q] * x0 + mp[j, 1, q]
+                out[j, q] = xd[q]
+    for q in range(nd):
+        if not stepd[q]:
+            x0 = xd[q]
+            fbar[q] = mp[steps, 2, q] * x0 + mp[steps, 3, q]
+            xd[q] = mp[steps, 0, q] * x0 + mp[steps, 1, q]
+            out[steps - 1, q] = xd[q]
+        fbar[q] /= period
+{groups}"""
 
 
 def _chains(x: list[sp.Symbol], a: list[sp.Expr], b: list[sp.Expr], const: list[bool],
@@ -640,19 +884,22 @@ class PeriodicSolver:
     Coarse steps are ``step`` h (default 24), shorter after each dose of any pattern (ends at
     ``refine`` h after it, default 12), where the drive changes fastest; amounts are returned
     at the ends of those steps (:attr:`times`, h from the period start). (The defaults were
-    12 h refined at 2 and 6 h before transit chains were solved exactly.)
+    12 h refined at 2 and 6 h before transit chains were solved exactly.) ``skip_tol``
+    (relative, default 1e-8) and ``whole_tol`` (default 0.01: the step's error ≈ 1e-5 of the
+    period's change) apply to :meth:`run_ladder`.
     """
 
     def __init__(self, model: Model, individual: Mapping[str, np.ndarray],
                  covariates: Mapping[str, np.ndarray], patterns: Sequence[Pattern], *,
                  period: float = 168.0, step: float = 24.0,
                  refine: Sequence[float] = (12.0,), carry_tol: float = 1e-4,
-                 memory: int | None = 1):
+                 memory: int | None = 1, skip_tol: float = 1e-8, whole_tol: float = 0.01):
         from ..simulation import _exact_part, _parameter_table, _per_subject
 
         if step <= 0 or period <= 0:
             raise ValueError(f"period ({period} h) and step ({step} h) must be positive")
         self.model, self.period, self.carry_tol = model, period, carry_tol
+        self.skip_tol, self.whole_tol = float(skip_tol), float(whole_tol)
         self.patterns = tuple(patterns)
         for p in self.patterns:
             if len(p.times) != len(p.amounts) or any(not 0 <= t < period for t in p.times):
@@ -685,16 +932,28 @@ class PeriodicSolver:
 
         if "periodic kernel" not in cache:
             cache["periodic kernel"] = _kernel_source(model, s)
-        src, const, chains, table = cache["periodic kernel"]
+        src, const, chains, table, group, reads, whole = cache["periodic kernel"]
         self._kernel = load_kernel(src)
         self._const = np.array(const, dtype=np.bool_)
+        self.groups = [[self.model.states[s.slow[q]] for q in qs] for qs in group]
+        self._group = np.zeros(len(s.slow), np.int64)  # group of each slow state
+        for k, qs in enumerate(group):
+            self._group[qs] = k
+        self._reads = np.array(reads, dtype=np.bool_)  # driven states a slow rate reads
+        self._whole = np.array(whole, dtype=np.bool_)  # groups steppable once per period
         widths = np.diff(np.r_[0.0, self.times])
         self._widths = widths
+        # per step and (last row) for the whole period
         self._co = _coefficients(model, individual, covariates, s, const, chains, table,
-                                 widths, n)
-        # each subject's maps of its current (previous, this) pattern pair
-        self._maps_all = np.full((n, len(widths), 4, len(s.driven)), np.nan)
-        self._dbar_all = np.full((n, len(widths), len(s.drivers)), np.nan)
+                                 np.r_[widths, period], n)
+        # each subject's maps of its current (previous, this) pattern pair, per step and
+        # (last row) for the whole period
+        self._maps_all = np.full((n, len(widths) + 1, 4, len(s.driven)), np.nan)
+        self._dbar_all = np.full((n, len(widths) + 1, len(s.drivers)), np.nan)
+        # run_ladder's values at the step ends of each subject's last period, and each slow
+        # state's start of the last period it was stepped (NaN: none with the loaded maps)
+        self._out = np.full((n, len(widths), len(s.driven) + len(s.slow)), np.nan)
+        self._last = np.full((n, len(s.slow)), np.nan)
         self._loaded = np.full(n, -1, np.int64)  # pair code of the maps in place
         self.memory = 3 if memory is None else int(memory)
         if self.memory < 1:
@@ -778,8 +1037,8 @@ class PeriodicSolver:
         s = self.sp
         t_d, a_d = self._doses(prev, index)
         self._check_carry(t_d, a_d, sub)
-        maps = np.empty((len(sub), len(self.times), 4, len(s.driven)))
-        dbar = np.empty((len(sub), len(self.times), len(s.drivers)))
+        maps = np.empty((len(sub), len(self.times) + 1, 4, len(s.driven)))
+        dbar = np.empty((len(sub), len(self.times) + 1, len(s.drivers)))
         self._kernel.compose(self._p[sub], np.ascontiguousarray(self.prop.lam[sub]),
                              self._unit[sub], t_d, a_d, self._g, self._edges, maps, dbar)
         self._maps_all[sub] = maps
@@ -802,6 +1061,7 @@ class PeriodicSolver:
         if len(stale):
             self._load(prev[stale], which[stale], stale)
         self._loaded = code
+        self._last[:] = np.nan  # run_ladder's record of the last period is stale
         self._prev = np.column_stack([which, self._prev[:, :-1]])
         res = np.empty((n, len(self.times), len(s.driven) + len(s.slow)))
         self._kernel.advance(self._p, self._xd, self._xs, self._maps_all, self._dbar_all,
@@ -828,7 +1088,9 @@ class PeriodicSolver:
         Returns the values of ``record`` states at each period end, ``low`` per period, the
         sum of ``accumulate`` at the ``samples`` over all periods, the pattern of each period
         and the period (counted from the first call) of each subject's first restart (-1:
-        none).
+        none), and per subject and group of slow states (:attr:`groups`) the periods it was
+        not stepped (``skip_tol``, see the module docstring; 0 steps every period, and
+        ``whole_tol`` 0 every step).
         """
         n = self.n
         col = self.columns
@@ -860,6 +1122,19 @@ class PeriodicSolver:
         acc = np.zeros(n)
         which = np.empty((n, periods), np.int64)
         rec_cols = np.array([col[k] for k in record], dtype=np.int64)
+        nd = len(self.sp.driven)
+        # driven states stepped within the period: those the slow rates read, the monitor
+        # and the accumulated one (the others by their period maps)
+        need = [col[monitor], *([col[accumulate]] if accumulate else [])]
+        stepd = self._reads.copy()
+        stepd[[c for c in need if c < nd]] = True
+        skipped = np.zeros((n, len(self.groups)), np.int64)
+        # groups stepped once per period where accurate: not the monitor's or the
+        # accumulated state's (needed at the samples)
+        ctol = np.where(self._whole, self.whole_tol, 0.0)
+        for c in need:
+            if c >= nd:
+                ctol[self._group[c - nd]] = 0.0
         self._kernel.ladder(
             self._p, np.ascontiguousarray(self.prop.lam), self._unit, pat_t, pat_a,
             float(self.period), self._g, self._edges, self._widths, self._co, self._xd,
@@ -868,9 +1143,10 @@ class PeriodicSolver:
             int(off), state.level, state.held, state.stopped, int(col[monitor]),
             idx.astype(np.int64), float(hold_below), float(resume_at), rec_cols,
             int(col[accumulate]) if accumulate else -1, int(periods), rec, low, acc, which,
-            state.first_resume, int(state.periods))
+            state.first_resume, int(state.periods), self._out, self._last, self._group, stepd,
+            self.skip_tol, skipped, ctol)
         state = dataclasses.replace(state, periods=state.periods + periods)
-        return LadderResult(rec, low, acc, which, state)
+        return LadderResult(rec, low, acc, which, state, skipped)
 
     @property
     def columns(self) -> dict[str, int]:
