@@ -251,13 +251,15 @@ def driven_rates(p, y, a, c, d):
 {driven_body}
 
 
-@njit(cache=True)
-def compose_one(p, lam, unit, t_d, a_d, g, edges, maps, dbar, a, c, d, y):
+@njit(cache=True, fastmath=True, error_model="numpy")
+def compose_one(p, lam, unit, t_d, a_d, g, edges, maps, dbar, a, c, d, y, only):
     # one subject: PK amounts on the fine grid g (doses a_d at t_d, modes lam with unit
     # responses unit (modes, pk)); driven states dx/dt = a·x + c there (a, c linear in
     # time between grid points); per coarse step j (g[edges[j]] to g[edges[j + 1]]) the maps
-    # x → α·x + β and ∫x dt → γ·x + δ (maps (steps, 4, nd)); step means of drivers → dbar;
-    # a, c, d, y: scratch (grid, nd), (grid, nd), (grid, nD), (pk,)
+    # x → α·x + β and ∫x dt → γ·x + δ (maps (steps + 1, 4, nd), the last row for the whole
+    # period); step means of drivers → dbar; a, c, d, y: scratch (grid, nd), (grid, nd),
+    # (grid, nD), (pk,); states with only[q] whose a is 0 (e.g. a cumulative hazard): the
+    # whole period's row only (its steps' rows are left as they were)
     nm, npk = unit.shape
     nd = maps.shape[2]
     nD = dbar.shape[1]
@@ -275,7 +277,7 @@ def compose_one(p, lam, unit, t_d, a_d, g, edges, maps, dbar, a, c, d, y):
                 maps[j, 3, q] = h * h * p2 * c[0, q]
             for q in range(nD):
                 dbar[j, q] = d[0, q]
-        _whole_period(g, edges, maps, dbar)
+        _whole_period(g, edges, maps, dbar, np.zeros(nd, np.bool_))
         return
     # modal amplitudes of the PK at g[m]: w_q = Σ_k a_k·e^{λ_q (g[m] − t_k)} over the doses
     # given by then, carried from one grid point to the next (e^{λ_q Δ} kept while Δ repeats)
@@ -304,6 +306,33 @@ def compose_one(p, lam, unit, t_d, a_d, g, edges, maps, dbar, a, c, d, y):
                 acc += w[q] * unit[q, r]
             y[r] = acc
         driven_rates(p, y, a[m], c[m], d[m])
+    flat = only.copy()
+    for m in range(ng):
+        for q in range(nd):
+            if a[m, q] != 0.0:
+                flat[q] = False
+    if np.any(flat):  # x + ∫c: β and δ as weighted sums of c over the grid (trapezoids)
+        steps = edges.shape[0] - 1
+        total = g[ng - 1] - g[0]
+        bz = np.zeros(nd)
+        dz = np.zeros(nd)
+        for m in range(ng):
+            w1, w3 = 0.0, 0.0
+            if m > 0:  # interval m − 1
+                h = g[m] - g[m - 1]
+                w1 += 0.5 * h
+                w3 += 0.5 * h * (total - 0.5 * (g[m - 1] + g[m]) + g[0])
+            if m < ng - 1:  # interval m
+                h = g[m + 1] - g[m]
+                w1 += 0.5 * h
+                w3 += 0.5 * h * (total - 0.5 * (g[m] + g[m + 1]) + g[0])
+            for q in range(nd):
+                bz[q] += w1 * c[m, q]
+                dz[q] += w3 * c[m, q]
+        for q in range(nd):
+            if flat[q]:
+                maps[steps, 0, q], maps[steps, 1, q] = 1.0, bz[q]
+                maps[steps, 2, q], maps[steps, 3, q] = total, dz[q]
     for j in range(edges.shape[0] - 1):
         lo, hi = edges[j], edges[j + 1]
         width = g[hi] - g[lo]
@@ -313,6 +342,8 @@ def compose_one(p, lam, unit, t_d, a_d, g, edges, maps, dbar, a, c, d, y):
         for m in range(lo, hi):
             h = g[m + 1] - g[m]
             for q in range(nd):
+                if flat[q]:
+                    continue
                 z = 0.5 * (a[m, q] + a[m + 1, q]) * h
                 al, be = mj[0, q], mj[1, q]
                 if z == 0.0:  # e.g. a cumulative hazard
@@ -330,17 +361,20 @@ def compose_one(p, lam, unit, t_d, a_d, g, edges, maps, dbar, a, c, d, y):
             for m in range(lo, hi):
                 acc += 0.5 * (g[m + 1] - g[m]) * (d[m, q] + d[m + 1, q])
             dbar[j, q] = acc / width
-    _whole_period(g, edges, maps, dbar)
+    _whole_period(g, edges, maps, dbar, flat)
 
 
 @njit(cache=True, inline="always")
-def _whole_period(g, edges, maps, dbar):
+def _whole_period(g, edges, maps, dbar, done):
     # row `steps` of maps and dbar: the steps' maps composed over the whole period
-    # (x_j = A·x + B at step start j, ∫ = Σ γ_j·x_j + δ_j) and the period means of drivers
+    # (x_j = A·x + B at step start j, ∫ = Σ γ_j·x_j + δ_j; not for the states done) and the
+    # period means of drivers
     steps = edges.shape[0] - 1
     nd = maps.shape[2]
     total = g[edges[steps]] - g[edges[0]]
     for q in range(nd):
+        if done[q]:
+            continue
         A, B, G, D = 1.0, 0.0, 0.0, 0.0
         for j in range(steps):
             al, be, ga, de = maps[j, 0, q], maps[j, 1, q], maps[j, 2, q], maps[j, 3, q]
@@ -364,7 +398,8 @@ def compose(p, lam, unit, t_d, a_d, g, edges, maps, dbar):
     ng = g.shape[0]
     for i in prange(n):
         compose_one(p[i], lam[i], unit[i], t_d[i], a_d[i], g, edges, maps[i], dbar[i],
-                    np.empty((ng, nd)), np.empty((ng, nd)), np.empty((ng, nD)), np.empty(npk))
+                    np.empty((ng, nd)), np.empty((ng, nd)), np.empty((ng, nD)), np.empty(npk),
+                    np.zeros(nd, np.bool_))
 
 
 {advance_one}
@@ -405,6 +440,7 @@ def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, co, xd, xs, map
         buf = np.empty(2 * nd + 6 * ns + 3 * NPOW)
         fs = np.empty((steps, nd))
         sk = np.zeros(skipped.shape[1], np.bool_)
+        only = np.logical_not(stepd)
         ga = np.empty((ng, nd))
         gc = np.empty((ng, nd))
         gd = np.empty((ng, nD))
@@ -429,7 +465,7 @@ def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, co, xd, xs, map
                         t_d[(r + 1) * W + k] = pat_t[v, k] - (r + 1) * period if v >= 0 else 0.0
                         a_d[(r + 1) * W + k] = pat_a[v, k] if v >= 0 else 0.0
                 compose_one(p[i], lam[i], unit[i], t_d, a_d, g, edges, maps[i], dbar[i],
-                            ga, gc, gd, y)
+                            ga, gc, gd, y, only)
                 loaded[i] = code
                 last[i, :] = np.nan
             for r in range(M - 1, 0, -1):
@@ -955,6 +991,8 @@ class PeriodicSolver:
         self._out = np.full((n, len(widths), len(s.driven) + len(s.slow)), np.nan)
         self._last = np.full((n, len(s.slow)), np.nan)
         self._loaded = np.full(n, -1, np.int64)  # pair code of the maps in place
+        self._missing = np.zeros(len(s.driven), np.bool_)  # driven states whose steps' maps
+        # may be missing from the maps in place (run_ladder composes their period map only)
         self.memory = 3 if memory is None else int(memory)
         if self.memory < 1:
             raise ValueError(f"memory must be at least 1, got {memory}")
@@ -1057,6 +1095,9 @@ class PeriodicSolver:
         U = len(self.patterns)
         prev = np.where(np.arange(self.memory) < self._mem[:, None], self._prev, -1)
         code = which + U * ((prev + 1) * (U + 1) ** np.arange(self.memory)).sum(axis=1)
+        if self._missing.any():  # maps composed by run_ladder: all steps needed here
+            self._loaded[:] = -1
+            self._missing[:] = False
         stale = np.flatnonzero(code != self._loaded)
         if len(stale):
             self._load(prev[stale], which[stale], stale)
@@ -1129,6 +1170,9 @@ class PeriodicSolver:
         stepd = self._reads.copy()
         stepd[[c for c in need if c < nd]] = True
         skipped = np.zeros((n, len(self.groups)), np.int64)
+        if (self._missing & stepd).any():  # maps in place lack steps needed now
+            self._loaded[:] = -1
+        self._missing = ~stepd
         # groups stepped once per period where accurate: not the monitor's or the
         # accumulated state's (needed at the samples)
         ctol = np.where(self._whole, self.whole_tol, 0.0)
