@@ -952,13 +952,23 @@ class PeriodicSolver:
         self.sp = cache["periodic split"]
         n = len(next(iter(individual.values())))
         self.n = n
-        self.prop = _exact_part(model, individual, covariates, n)
-        if self.prop is None:
-            raise Unsupported(f"{model.name}: the PK part has no well-conditioned closed form")
-        x0 = _per_subject(model, [c.init for c in model.compartments], individual, covariates, n)
+        store = cache.setdefault("periodic setup", {})  # recent subjects' set-up (arrays
+        # only read), e.g. for the arms of a trial: the same subjects under other patterns
+        key = _subjects_key(individual, covariates, n)
+        setup = store.get(key)
+        if setup is None:
+            prop = _exact_part(model, individual, covariates, n)
+            if prop is None:
+                raise Unsupported(f"{model.name}: the PK part has no well-conditioned closed "
+                                  "form")
+            x0 = _per_subject(model, [c.init for c in model.compartments], individual,
+                              covariates, n)
+            setup = _remember(store, key, (prop, x0, _parameter_table(
+                model, individual, covariates, n)))
+        self.prop, x0, table_ = setup
         self._xd = np.ascontiguousarray(x0[:, list(self.sp.driven)])  # (n, driven)
         self._xs = np.ascontiguousarray(x0[:, list(self.sp.slow)])  # (n, slow)
-        self.table = _parameter_table(model, individual, covariates, n).T  # (P, n)
+        self.table = table_.T  # (P, n)
         self.dose_state = model.cmt_numbers[model.default_dose_cmt]
         if model.dosing:
             raise Unsupported(f"{model.name}: F, lag or modelled rates of doses")
@@ -980,8 +990,12 @@ class PeriodicSolver:
         widths = np.diff(np.r_[0.0, self.times])
         self._widths = widths
         # per step and (last row) for the whole period
-        self._co = _coefficients(model, individual, covariates, s, const, chains, table,
-                                 np.r_[widths, period], n)
+        ckey = (key, np.r_[widths, period].tobytes())
+        self._co = store.get(ckey)
+        if self._co is None:
+            self._co = _remember(store, ckey, _coefficients(
+                model, individual, covariates, s, const, chains, table, np.r_[widths, period],
+                n))
         # each subject's maps of its current (previous, this) pattern pair, per step and
         # (last row) for the whole period
         self._maps_all = np.full((n, len(widths) + 1, 4, len(s.driven)), np.nan)
@@ -1204,6 +1218,26 @@ class PeriodicSolver:
         out[list(self.sp.driven)] = self._xd.T
         out[list(self.sp.slow)] = self._xs.T
         return out
+
+
+def _subjects_key(individual, covariates, n: int) -> tuple:
+    """A key of the subjects' values (a digest of the arrays' bytes)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for d in (individual, covariates):
+        for k in sorted(d):
+            v = np.ascontiguousarray(np.broadcast_to(np.asarray(d[k], float), (n,)))
+            h.update(k.encode() + b"=" + v.tobytes())
+    return (n, h.hexdigest())
+
+
+def _remember(store: dict, key, value):
+    """Keep ``value`` in ``store`` (the last 8 only) and return it."""
+    while len(store) >= 8:
+        store.pop(next(iter(store)))
+    store[key] = value
+    return value
 
 
 def _coefficients(model: Model, individual, covariates, s: Split, const: list[bool],
