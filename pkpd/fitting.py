@@ -200,14 +200,35 @@ def _observations(ds: Dataset, endpoints: Sequence[Endpoint], where: str
     return out
 
 
+def _centred(centred: bool | Sequence[str], eta_names: list[str], iiv: str,
+              where: str) -> set[str]:
+    """The parameters whose η are sampled directly (``centred``: all, none or names)."""
+    if isinstance(centred, bool):
+        return set(eta_names) if centred else set()
+    if isinstance(centred, str):
+        raise FitSpecError(f"{where}: centred: expected true/false or a list of parameter "
+                           f"names, got {centred!r}")
+    cen = set(centred)
+    unknown = sorted(cen - set(eta_names))
+    if unknown:
+        raise FitSpecError(f"{where}: centred: {', '.join(unknown)} not a parameter with IIV "
+                           f"(those are {', '.join(eta_names) or 'none'})")
+    if cen and len(cen) < len(eta_names) and iiv != "diagonal":
+        raise FitSpecError(f"{where}: centred: some parameters centred and some not needs "
+                           f"iiv = 'diagonal', got {iiv!r}")
+    return cen
+
+
 def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoint], *,
           priors: Mapping[str, Prior] | None = None,
           omega_scale: Mapping[str, float] | None = None, iiv: str = "diagonal",
-          prior_sd: float = 1.0, centred: bool = False, where: str = "fit",
-          individual: pd.DataFrame | None = None,
+          prior_sd: float = 1.0, centred: bool | Sequence[str] = False,
+          where: str = "fit", individual: pd.DataFrame | None = None,
           population: Mapping[str, float] | None = None, likelihood: str = "auto") -> _Built:
     """The PyMC model of a population fit (see the module docstring); ``centred`` samples η
-    directly (better when individual data are rich) instead of z. ``individual`` (ID and
+    directly (better when individual data are rich) instead of z: True for all parameters
+    with IIV, or the names of some (diagonal IIV; e.g. the data-rich disease parameters of
+    a joint fit, while sparse PK keeps the non-centred form). ``individual`` (ID and
     parameter columns) fixes those parameters per subject (IPP: e.g. the individual PK
     parameters of an earlier PK fit, :meth:`FitResult.individual_parameters`).
     ``population`` (name → value, e.g. :func:`read_population` of an earlier fit) fixes
@@ -284,6 +305,7 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
     for o in obs.values():
         o["pos"] = np.array([pos[r] for r in o["rows"]])
     S = pred.n_subjects
+    cen = _centred(centred, eta_names, iiv, where)
     coords = {"subject": pred.subject_ids, "eta_param": eta_names}
     initial: dict[str, np.ndarray] = {}
     sigma_names: dict[str, list[str]] = {}
@@ -333,7 +355,19 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                     "omega_chol", n=K, eta=2.0, sd_dist=pm.HalfNormal.dist(scale, shape=K),
                     compute_corr=True)
                 om = pm.Deterministic("omega", stds, dims="eta_param")
-            if centred:
+            if 0 < len(cen) < K:  # mixed: η of rich-data parameters direct, the rest via z
+                jc = [j for j, k in enumerate(eta_names) if k in cen]
+                jn = [j for j, k in enumerate(eta_names) if k not in cen]
+                pmm.add_coord("eta_centred", [eta_names[j] for j in jc])
+                pmm.add_coord("eta_noncentred", [eta_names[j] for j in jn])
+                ec = pm.Normal("eta_c", 0.0, om[jc], dims=("subject", "eta_centred"))
+                z = pm.Normal("z", 0.0, 1.0, dims=("subject", "eta_noncentred"))
+                initial["eta_c"], initial["z"] = np.zeros((S, len(jc))), np.zeros((S, len(jn)))
+                e = pt.zeros((S, K))
+                e = pt.set_subtensor(e[:, jc], ec)
+                e = pm.Deterministic("eta", pt.set_subtensor(e[:, jn], z * om[jn]),
+                                     dims=("subject", "eta_param"))
+            elif cen:
                 initial["eta"] = np.zeros((S, K))
                 if iiv == "diagonal" or K == 1:
                     e = pm.Normal("eta", 0.0, om, dims=("subject", "eta_param"))
@@ -649,7 +683,8 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         endpoints: Sequence[Endpoint] | None = None, *,
         priors: Mapping[str, Prior] | None = None,
         omega_scale: Mapping[str, float] | None = None, iiv: str = "diagonal",
-        prior_sd: float = 1.0, centred: bool = False, chains: int = 4, draws: int = 1000,
+        prior_sd: float = 1.0, centred: bool | Sequence[str] = False, chains: int = 4,
+        draws: int = 1000,
         tune: int = 1000,
         seed: int = 1, target_accept: float = 0.8, engine: str = "auto",
         cores: int | None = None, progress: bool = True, posterior_predictive: bool = True,
@@ -660,7 +695,9 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
 
     ``endpoints`` default: the model's first output, proportional error, all observations.
     ``centred`` samples η directly instead of the non-centred z (η = L·z); prefer it when
-    every subject has rich data (then the non-centred form can diverge).
+    every subject has rich data (then the non-centred form can diverge and its trees grow
+    long). True for all parameters with IIV, or a list of names (diagonal IIV), e.g. the
+    M-spike parameters of a joint fit whose PK samples are sparse.
     ``individual``: parameters fixed per subject (IPP), a table (ID and parameter columns), a
     CSV of one, or a fit folder (its ``individual.csv``); see :func:`read_individual`.
     ``population``: population parameters fixed (PPP&D), name → value (θ by parameter name,
@@ -1083,7 +1120,7 @@ class FitSpec:
     omega_scale: dict[str, float]
     iiv: str
     prior_sd: float
-    centred: bool
+    centred: bool | tuple[str, ...]
     sampler: Sampler
     output: Path
     text: str
@@ -1108,7 +1145,8 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         model = "selinexor_pk"       # shipped name or path (relative to the spec)
         data = "data/x.csv"          # NONMEM CSV, relative to the spec
         iiv = "diagonal"             # or "block" (LKJ)
-        parameterization = "noncentred"   # or "centred" (rich individual data)
+        parameterization = "noncentred"   # or "centred" (rich individual data), or the
+                                          # parameters to centre, e.g. ["KG", "KKILL"]
         individual = "selinexor_poppk"    # optional (IPP): parameters fixed per subject, a
                                           # fit folder (its individual.csv) or a CSV
         population = "selinexor_poppk"    # optional (PPP&D): θ, ω and residual errors fixed
@@ -1219,9 +1257,18 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
     if iiv not in ("diagonal", "block"):
         raise FitSpecError(f"{where}: [fit] iiv: expected 'diagonal' or 'block', got {iiv!r}")
     param = f.get("parameterization", "noncentred")
-    if param not in ("noncentred", "centred"):
-        raise FitSpecError(f"{where}: [fit] parameterization: expected 'noncentred' or "
-                           f"'centred', got {param!r}")
+    if isinstance(param, list) and all(isinstance(k, str) for k in param):
+        centred: bool | tuple[str, ...] = tuple(param)
+        unknown = sorted(k for k in param if k not in model.parameters
+                         or model.parameters[k].omega2 <= 0)
+        if unknown:
+            raise FitSpecError(f"{where}: [fit] parameterization: {', '.join(unknown)}: not a "
+                               f"parameter of {model.name} with IIV")
+    elif param in ("noncentred", "centred"):
+        centred = param == "centred"
+    else:
+        raise FitSpecError(f"{where}: [fit] parameterization: expected 'noncentred', "
+                           f"'centred' or a list of the parameters to centre, got {param!r}")
     prior_sd = f.get("prior_sd", 1.0)
     if not (isinstance(prior_sd, (int, float)) and prior_sd > 0):
         raise FitSpecError(f"{where}: [fit] prior_sd: expected a number > 0")
@@ -1252,7 +1299,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         _check_population(population, model, priors, omega_scale, endpoints, per_subject, iiv,
                           where)
     return FitSpec(path, f["name"], model, data, endpoints, priors, omega_scale, iiv,
-                   float(prior_sd), param == "centred", sampler, out, text, individual,
+                   float(prior_sd), centred, sampler, out, text, individual,
                    population)
 
 

@@ -220,3 +220,48 @@ def test_pheno_posterior_medians_match_nonmem(tmp_path):
     assert abs(s.loc["omega_CL", "shrinkage_percent"] - 47.6) < 12
     assert abs(s.loc["omega_V", "shrinkage_percent"] - 13.6) < 12
     assert res.diagnostics()["divergences"] == 0
+
+
+def test_mixed_parameterization_is_the_same_posterior():
+    """η of some parameters sampled directly and the rest as z: the same posterior as the
+    non-centred form, up to the Jacobian |dη/dz| = ω per centred η (S subjects each)."""
+    from pkpd.fitting import Endpoint, FitSpecError, build
+
+    m, df = load_model("pk_1cmt_oral"), _data(4)
+    ep = [Endpoint("CP")]
+    nc = build(m, df, ep).pm_model
+    mixed = build(m, df, ep, centred=["KA"]).pm_model
+    names = list(nc.coords["eta_param"])
+    j = names.index("KA")
+    rng = np.random.default_rng(0)
+    p = {k: np.asarray(v) + 0.1 * rng.standard_normal(np.shape(v))
+         for k, v in nc.initial_point().items()}
+    om = np.exp(p["omega_log__"])
+    q = {k: v for k, v in p.items() if k != "z"}
+    q["eta_c"] = p["z"][:, [j]] * om[j]
+    q["z"] = np.delete(p["z"], j, axis=1)
+    assert list(mixed.coords["eta_centred"]) == ["KA"]
+    lp_nc = nc.compile_logp()(p)
+    lp_mixed = mixed.compile_logp()(q)
+    assert lp_mixed == pytest.approx(lp_nc - 4 * np.log(om[j]), rel=1e-10)
+    (eta,) = mixed.replace_rvs_by_values([mixed["eta"]])
+    eta = mixed.compile_fn(eta, inputs=mixed.value_vars, on_unused_input="ignore")(q)
+    np.testing.assert_allclose(eta, p["z"] * om, rtol=1e-12)
+    with pytest.raises(FitSpecError, match="centred: VV not a parameter with IIV"):
+        build(m, df, ep, centred=["VV"])
+    with pytest.raises(FitSpecError, match="iiv = 'diagonal'"):
+        build(m, df, ep, centred=["KA"], iiv="block")
+
+
+def test_spec_centres_the_named_parameters(tmp_path):
+    from pkpd.fitting import FitSpecError, load_spec
+
+    spec = _spec(tmp_path, data=_data(3))
+    text = spec.read_text()
+    spec.write_text(text.replace('data = "data.csv"',
+                                 'data = "data.csv"\nparameterization = ["KA"]'))
+    assert load_spec(spec).centred == ("KA",)
+    spec.write_text(text.replace('data = "data.csv"',
+                                 'data = "data.csv"\nparameterization = ["KA", "VV"]'))
+    with pytest.raises(FitSpecError, match=r"\[fit\] parameterization: VV: not a parameter"):
+        load_spec(spec)
