@@ -203,6 +203,23 @@ def subject_layout(data: Dataset | pd.DataFrame, model: Model):
     return ds, first, subject, int(subject[-1]) + 1, ids[first], col
 
 
+def layout_events(model: Model, subject: np.ndarray, col: Mapping[str, np.ndarray]):
+    """The event table (:func:`pkpd.events.build_events`: ADDL copies, NONMEM order) of
+    :func:`subject_layout`'s records, with F = 1 and no lag (models that compute F, lags or
+    rates are not handled by the predictors that use it)."""
+    from .events import Doses, build_events
+
+    cmt = col["CMT"].astype(int)
+    cmt = np.where(cmt == 0, model.default_dose_cmt, cmt)
+    state = np.array([model.cmt_numbers.get(c, 0)
+                      for c in range(max(model.cmt_numbers) + 1)])[cmt]
+    n = len(cmt)
+    return build_events(Doses(
+        subject=subject, time=col["TIME"], evid=col["EVID"], amt=col["AMT"], cmt=state,
+        rate=col["RATE"], ii=col["II"], addl=col["ADDL"], ss=col["SS"], f=np.ones(n),
+        lag=np.zeros(n), rate_model=np.full(n, np.nan), dur_model=np.full(n, np.nan)))
+
+
 class SubjectParameters:
     """Per-subject typical values and covariates, shared by the predictors (needs
     ``self.model``, ``self.n_subjects`` and ``self._cov_sub``)."""

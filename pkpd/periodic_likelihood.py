@@ -55,11 +55,13 @@ import pytensor.tensor as pt
 import sympy as sp
 
 from .dataset import Dataset
+from .events import BOLUS
 from .likelihood import (
     LinearPredictor,
     SubjectParameters,
     _covariant_entries,
     _id,
+    layout_events,
     subject_layout,
     to_pytensor,
 )
@@ -219,20 +221,18 @@ class PeriodicPredictor(SubjectParameters):
         if np.any(dose & ~np.isin(st, pk)):
             raise Unsupported(f"{where}: doses into a compartment outside the PK part")
 
-        # dose instances (ADDL copies expanded), per subject -----------------------------
+        # dose instances (ADDL copies expanded, NONMEM order), per subject ---------------
         time = col["TIME"]
         row_t, row_sub = time[rows], subject[rows]
+        ev = layout_events(model, subject, col)
+        last = np.array([max(row_t[row_sub == s_].max(initial=-np.inf),
+                             time[subject == s_].max()) for s_ in range(S)])
+        keep = (ev.kind == BOLUS) & (ev.value != 0) & (ev.time <= last[ev.subject] + 1e-9)
+        # (time, amount, state, slot: the records from slot on see the dose)
         inst: list[list[tuple[float, float, int, int]]] = [[] for _ in range(S)]
-        for r in np.flatnonzero(dose):
-            ii, addl = col["II"][r], int(col["ADDL"][r])
-            copies = addl + 1 if ii > 0 else 1
-            last = max(row_t[row_sub == subject[r]].max(initial=time[r]), time[r])
-            for k in range(copies):
-                if k and time[r] + k * ii > last + 1e-9:  # seen by no record
-                    break
-                inst[subject[r]].append((time[r] + k * ii, col["AMT"][r], st[r], r))
-        for lst in inst:
-            lst.sort(key=lambda x: (x[0], x[3]))
+        for s_, *e in zip(ev.subject[keep], ev.time[keep], ev.value[keep], ev.cmt[keep],
+                          ev.slot[keep], strict=True):
+            inst[s_].append(tuple(e))
         sub_first_t = time[first]
         periods, offsets, t0s, counts = [], [], [], []
         for s_ in range(S):

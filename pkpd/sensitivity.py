@@ -27,8 +27,7 @@ from pytensor.graph.basic import Apply
 from pytensor.graph.op import Op
 
 from .dataset import Dataset
-from .events import Doses, build_events
-from .likelihood import SubjectParameters, subject_layout
+from .likelihood import SubjectParameters, layout_events, subject_layout
 from .model import TIME, Model
 from .solvers.compiled import integrate_events, kernel_source, load_kernel
 
@@ -101,15 +100,7 @@ class NonlinearPredictor(SubjectParameters):
         rows = np.flatnonzero(col["EVID"] == 0) if rows is None else np.asarray(rows, int)
         self.rows = rows
         self._cov_sub = {k: df[k].to_numpy(dtype=float)[first] for k in model.covariates}
-        cmt = col["CMT"].astype(int)
-        cmt = np.where(cmt == 0, model.default_dose_cmt, cmt)
-        state = np.array([model.cmt_numbers.get(c, 0) for c in range(max(model.cmt_numbers)
-                                                                      + 1)])[cmt]
-        n = len(cmt)
-        self.events = build_events(Doses(
-            subject=subject, time=col["TIME"], evid=col["EVID"], amt=col["AMT"], cmt=state,
-            rate=col["RATE"], ii=col["II"], addl=col["ADDL"], ss=col["SS"], f=np.ones(n),
-            lag=np.zeros(n), rate_model=np.full(n, np.nan), dur_model=np.full(n, np.nan)))
+        self.events = layout_events(model, subject, col)
         self.out_subject = subject[rows]
         self.out_time = col["TIME"][rows]
         self.out_event = np.searchsorted(self.events.slot, rows, side="right") - 1
