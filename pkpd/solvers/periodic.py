@@ -211,7 +211,9 @@ def _mpow(x, y, memo, k):
     # whose predictor is their corrected value (e.g. tumour burden) comes back unchanged at
     # the start of the next step; one that moved by a relative r with (|y| + 6)·|r| < 0.05
     # (e.g. a platelet count, or the burden over a day) from the last value by (1 + r)^y to
-    # 7 terms (relative error below ((|y| + 6)·|r|)⁷/7! < 1.6e-13)
+    # 7 terms (relative error below ((|y| + 6)·|r|)⁷/7! < 1.6e-13); x itself for y = 1
+    if y == 1.0:
+        return x
     if y == memo[3 * k + 1]:
         x0 = memo[3 * k]
         if x == x0:
