@@ -1021,7 +1021,9 @@ class PeriodicSolver:
         src, const, chains, table, group, reads, whole = cache["periodic kernel"]
         self._kernel = load_kernel(src)
         self._const = np.array(const, dtype=np.bool_)
-        self.groups = [[self.model.states[s.slow[q]] for q in qs] for qs in group]
+        # run_ladder's groups of slow states (names), stepped or skipped apart
+        self.groups: list[list[str]] = [[self.model.states[s.slow[q]] for q in qs]
+                                        for qs in group]
         self._group = np.zeros(len(s.slow), np.int64)  # group of each slow state
         for k, qs in enumerate(group):
             self._group[qs] = k
