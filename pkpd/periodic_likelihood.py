@@ -399,37 +399,37 @@ class PeriodicPredictor(SubjectParameters):
                     entries, lam_list, a, idx.index(int(c)))], axis=-1)
 
         # PK at the fine midpoints over one period, from that period's doses (what is left
-        # of earlier periods' is below carry_tol, checked at build), (1, S, K)
+        # of earlier periods' is below carry_tol, checked at build), (S, K)
         pk_needed = [a for a in range(n) if xs[idx[a]] in need_pk]
         lag = self._mid[:, :, None] - self._pt[:, None, :]  # (S, K, Q)
-        on = (lag > 0)[None]
-        e = pt.exp(lam[None, :, None, None, :] * np.where(on, lag, 0.0)[..., None])
+        on = lag > 0
+        e = pt.exp(lam[:, None, None, :] * np.where(on, lag, 0.0)[..., None])  # (S, K, Q, n)
         pk_fine = {}
         for a in pk_needed:
             acc = 0.0
             for c in dose_states:
-                m = (self._ps[None, :, None, :] == c) & on
+                m = (self._ps[:, None, :] == c) & on
                 if m.any():
                     acc = acc + ((pt.switch(m[..., None], e, 0.0)
-                                  * w[a, c][None, :, None, None, :]).sum(-1)
-                                 * self._pa[None, :, None, :]).sum(-1)
-            pk_fine[xs[idx[a]]] = acc * pt.ones((1, S, K))
+                                  * w[a, c][:, None, None, :]).sum(-1)
+                                 * self._pa[:, None, :]).sum(-1)
+            pk_fine[xs[idx[a]]] = acc * pt.ones((S, K))
         h = self._h
         ci = self._ci
         rows_s = np.arange(S)[:, None]
 
         def at_coarse(y):
-            """(1, S, K+1) → at the coarse offsets (1, S, G) and the period end (1, S)."""
-            return y[:, rows_s, ci], y[:, :, -1]
+            """(S, K+1) → at the coarse offsets (S, G) and the period end (S,)."""
+            return y[rows_s, ci], y[:, -1]
 
-        # driven states over one period, then over the periods -------------
+        # driven states over one period, then over the periods ---------------------------
         driven_coarse, driven_cum = {}, {}
-        zeros = pt.zeros((1, S, 1))
+        zeros = pt.zeros((S, 1))
         for i in driven:
             x = xs[i]
             f = model.odes[model.states[i]]
             env = {**col, **pk_fine}
-            alpha = to_pytensor(f.subs(x, 0), env) * pt.ones((1, S, K))
+            alpha = to_pytensor(f.subs(x, 0), env) * pt.ones((S, K))
             z = to_pytensor(sp.diff(f, x), env) * h
             p1 = phi1(z)
             Pf, Qf = affine_scan(pt.exp(z), alpha * h * p1, K)
@@ -439,35 +439,30 @@ class PeriodicPredictor(SubjectParameters):
             Vf = pt.concatenate([zeros, prefix_sum(Qf[..., :-1] * h * p1 + alpha * h * h
                                                    * phi2(z), K)], axis=-1)
             (Pc, Pe), (Qc, Qe), (Uc, Ue), (Vc, Ve) = map(at_coarse, (Pf, Qf, Uf, Vf))
-            L1 = z[0].sum(axis=-1)  # log of the period's multiplier
+            L1 = z.sum(axis=-1)  # log of the period's multiplier
             x0 = to_pytensor(model.compartments[i].init, env_s) * pt.ones(S)
             pw = pt.exp(L1[:, None] * np.arange(Nmax)[None, :])  # A1^k, (S, Nmax)
             gs = pt.concatenate([pt.zeros((S, 1)), prefix_sum(pw, Nmax)[:, :-1]], axis=1)
-            x1 = Pe[0] * x0 + Qe[0]
-            starts = pt.concatenate([x0[:, None], pw * x1[:, None] + gs * Qe[0][:, None]],
+            x1 = Pe * x0 + Qe
+            starts = pt.concatenate([x0[:, None], pw * x1[:, None] + gs * Qe[:, None]],
                                     axis=1)  # x at the start of periods 0…Nmax, (S, Nmax+1)
-            whole = pt.concatenate([(Ue[0] * x0 + Ve[0])[:, None],
-                                    Ue[0][:, None] * starts[:, 1:Nmax] + Ve[0][:, None]], axis=1)
+            whole = Ue[:, None] * starts[:, :Nmax] + Ve[:, None]  # ∫ over each period
             cw = pt.concatenate([pt.zeros((S, 1)), prefix_sum(whole, Nmax)], axis=1)
-            xs_n = starts[:, 1:Nmax, None]
-            val = pt.concatenate([(Pc[0] * x0[:, None] + Qc[0])[:, None, :],
-                                  Pc[0][:, None, :] * xs_n + Qc[0][:, None, :]], axis=1)
-            cum = pt.concatenate([(Uc[0] * x0[:, None] + Vc[0])[:, None, :],
-                                  Uc[0][:, None, :] * xs_n + Vc[0][:, None, :]], axis=1)
-            cum = cum + cw[:, :Nmax, None]
+            xs_n = starts[:, :Nmax, None]
+            val = Pc[:, None, :] * xs_n + Qc[:, None, :]
+            cum = Uc[:, None, :] * xs_n + Vc[:, None, :] + cw[:, :Nmax, None]
             driven_coarse[x] = pt.concatenate([val.reshape((S, Nmax * G)),
                                                starts[:, Nmax:]], axis=1)
             driven_cum[x] = pt.concatenate([cum.reshape((S, Nmax * G)), cw[:, Nmax:]], axis=1)
 
         # drivers: running integrals at the coarse points --------------------------------
-        nn = np.arange(1, Nmax)[None, :, None]
+        nn = np.arange(Nmax)[None, :, None]
         for dsym, expr in drivers:
-            val = to_pytensor(expr, {**col, **pk_fine}) * pt.ones((1, S, K))
+            val = to_pytensor(expr, {**col, **pk_fine}) * pt.ones((S, K))
             C, E = at_coarse(pt.concatenate([zeros, prefix_sum(val * h, K)], axis=-1))
-            cum = pt.concatenate([C[0][:, None, :], E[0][:, None, None] + (nn - 1)
-                                  * E[0][:, None, None] + C[0][:, None, :]], axis=1)
+            cum = nn * E[:, None, None] + C[:, None, :]
             driven_cum[dsym] = pt.concatenate([cum.reshape((S, Nmax * G)),
-                                               (E[0] + (Nmax - 1) * E[0])[:, None]], axis=1)
+                                               (Nmax * E)[:, None]], axis=1)
 
         # slow chain on the coarse grid --------------------------------------------------
         T = Nmax * G
