@@ -1059,8 +1059,8 @@ class PeriodicSolver:
         self._edges = np.searchsorted(self._g, np.r_[0.0, self.times])
         P = self.prop.P  # (n, m, pk, pk)
         self._unit = np.ascontiguousarray(P[:, :, :, s.pk.index(self.dose_state)])  # unit dose
-        if memory is None:  # as many earlier periods as each subject needs (≤ 3)
-            for k in (2, 1):
+        if memory is None:  # as many earlier periods as each subject needs (0-3)
+            for k in (2, 1, 0):
                 trial = self._mem.copy()
                 self._mem[:] = k
                 ok = self.independent()
