@@ -32,6 +32,7 @@ from .model import Model, load_model
 from .population import smm_population
 from .regimen import Regimen, RegimenError
 from .simulation import Course, individual_parameters, sample_etas
+from .solvers import dose_rule
 from .solvers.periodic import Pattern, PeriodicSolver, Unsupported
 
 __all__ = ["TrialResult", "dose_ladder", "run_trial"]
@@ -187,7 +188,7 @@ def _merge(n: int, rows: np.ndarray, a: tuple, b: tuple) -> tuple:
 def _weeks_ode(m, ind, covs, ladder, n, n_weeks, progress):
     """The weekly loop with the label's dose modification on the compiled ODE solver."""
     course = Course(m, ind, covs, rtol=1e-4, atol=1e-8)
-    level = np.zeros(n, int)
+    level = np.zeros(n, np.int64)
     held = np.zeros(n, bool)
     stopped = np.full(n, not ladder)
     delivered = np.zeros(n)  # mg per patient
@@ -229,14 +230,9 @@ def _weeks_ode(m, ind, covs, ladder, n, n_weeks, progress):
         for k in hazards:
             hazards[k][:, w + 1] = end[k]
         # label: hold at grade 4 until ≥ 50, then one level lower (stop below the ladder)
-        plt_end = circ[:, -1]
-        newly = ~held & ~stopped & (plt_week < HOLD_BELOW)
-        held |= newly
-        resume = held & (plt_end >= RESUME_AT) & ~newly
-        level[resume] += 1
+        resume = dose_rule.apply(plt_week, circ[:, -1], held, level, stopped, len(ladder),
+                                 HOLD_BELOW, RESUME_AT)
         reduced_day[resume & np.isnan(reduced_day)] = (w + 1) * 7.0
-        stopped |= resume & (level >= len(ladder))
-        held &= ~resume
         if progress is not None:
             progress(w + 1, n_weeks)
     return weekly, hazards, plt_min, inh_sum, delivered, reduced_day

@@ -257,3 +257,21 @@ def test_ladder_skips_settled_groups_as_if_stepping_them(ladder):
     # run_ladder composed the hazards' period maps only: run() recomposes all steps' maps
     assert np.isfinite(ps.run(np.full(n, len(ladder)))).all()
     assert fast.skipped[:, 1].mean() / weeks > (0.9 if not ladder else 0.1)
+
+
+def test_dose_rule_holds_restarts_lower_and_stops():
+    """The one hold-and-reduce rule both engines use (pkpd.solvers.dose_rule): a dosing
+    subject below 25 is held; a held one at ≥ 50 at the period end restarts one level lower,
+    and stops when no level is left; a newly held one does not restart in the same period."""
+    from pkpd.solvers import dose_rule
+
+    low = np.array([20.0, 30.0, 40.0, 40.0, 10.0, 60.0])
+    end = np.array([60.0, 60.0, 55.0, 45.0, 60.0, 60.0])
+    held = np.array([False, False, True, True, True, False])
+    level = np.array([0, 0, 0, 1, 2, 0], np.int64)
+    stopped = np.array([False, False, False, False, False, True])
+    resumed = dose_rule.apply(low, end, held, level, stopped, 3, 25.0, 50.0)
+    np.testing.assert_array_equal(held, [True, False, False, True, False, False])
+    np.testing.assert_array_equal(level, [0, 0, 1, 1, 3, 0])
+    np.testing.assert_array_equal(resumed, [False, False, True, False, True, False])
+    np.testing.assert_array_equal(stopped, [False, False, False, False, True, True])

@@ -61,6 +61,7 @@ import numpy as np
 import sympy as sp
 
 from ..model import TIME, Model
+from .dose_rule import RULE
 from .linear import phi
 
 __all__ = ["LadderResult", "LadderState", "Pattern", "PeriodicSolver", "Unsupported",
@@ -531,15 +532,13 @@ def ladder(p, lam, unit, pat_t, pat_a, period, g, edges, widths, co, xd, xs, map
             low[i, w] = lo
             acc[i] += s
             which[i, w] = u
-            if dosing and lo < hold_below:  # hold
-                held[i] = True
-            elif held[i] and out[steps - 1, mon] >= resume_at:  # restart one level lower
-                level[i] += 1
-                if first_resume[i] < 0:
-                    first_resume[i] = period0 + w
-                if level[i] >= levels.shape[0]:
-                    stopped[i] = True
-                held[i] = False
+            held[i], level[i], resumed, stop = dose_rule(
+                dosing, lo, out[steps - 1, mon], held[i], level[i], levels.shape[0],
+                hold_below, resume_at)
+            if resumed and first_resume[i] < 0:
+                first_resume[i] = period0 + w
+            if stop:
+                stopped[i] = True
 """
 
 
@@ -626,7 +625,7 @@ def _kernel_source(model: Model, s: Split) -> tuple[str, list[bool]]:
     src = src.replace("{group_rates}", "".join(
         _GROUP_RATES.replace("{k}", str(k)).replace("{body}", "\n".join(body) or "    pass")
         .replace("{own}", "\n".join(own) or "    pass") for k, (body, own) in enumerate(parts)))
-    src = src.replace("{NPOW}", str(max(1, mpow.sites, sub.sites)))
+    src = src.replace("{NPOW}", str(max(1, mpow.sites, sub.sites))) + RULE
     chains = _chains([xs[i] for i in s.slow], a_sl, b_sl, const, variable)
     printer = _Pow({"fully_qualified_modules": True})
     pnames = {a: f"pi[{i}]" for i, a in enumerate(args)}
