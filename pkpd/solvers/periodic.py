@@ -45,8 +45,9 @@ accumulated sum reads within the period (e.g. adverse-event hazards) take the pe
 
 Assumed, and checked: what is left of a period's doses 1 + ``memory`` periods later is
 negligible (below ``carry_tol`` of them; the maps depend on the patterns of this and the
-``memory`` previous periods: 1 by default, ``memory=None`` takes up to 3 as each subject's
-elimination needs). Accuracy against the error-controlled reference
+``memory`` previous periods: 1 by default, ``memory=None`` takes 0 to 3 as each subject's
+elimination needs: 0, one map per pattern, when a period's doses are gone by its end, as for
+selinexor once weekly). Accuracy against the error-controlled reference
 (Dormand–Prince at rtol 1e-9) is tested in ``tests/test_periodic.py``.
 """
 
