@@ -187,26 +187,48 @@ def test_memory_follows_doses_over_several_periods():
     ps = PeriodicSolver(m, par, {}, patterns, period=24.0, step=6.0, refine=(2.0,),
                         memory=None)
     assert ps.memory == 3
+    _check_against_reference(ps, m, par, patterns, 12, 5e-3)
+
+
+def _check_against_reference(ps, m, par, patterns, periods: int, tol: float) -> None:
+    """Random patterns per subject and period (the first one first): states B and S at the
+    step ends within ``tol`` of the Dormand–Prince reference (relative to at least 1 % of
+    full scale: after a few periods without a dose B is ~1e-4, and the neglected 1e-4 of a
+    dose is of its size)."""
+    n = len(next(iter(par.values())))
     ref = Course(m, par, {}, rtol=1e-9, atol=1e-12)
     col = ps.columns
     rng = np.random.default_rng(4)
-    for w in range(12):
+    for w in range(periods):
         which = rng.integers(0, len(patterns), n) if w else np.zeros(n, int)
         got = ps.run(which)
         subj, time, amt = [], [], []
         for i, u in enumerate(which):
             for t, a in zip(patterns[u].times, patterns[u].amounts, strict=True):
                 subj.append(i)
-                time.append(w * 24.0 + t)
+                time.append(w * ps.period + t)
                 amt.append(a)
-        want = ref.run(w * 24.0, w * 24.0 + np.r_[0.0, ps.times], np.array(subj, int),
-                       np.array(time), np.array(amt))[:, 1:, :]
+        want = ref.run(w * ps.period, w * ps.period + np.r_[0.0, ps.times],
+                       np.array(subj, int), np.array(time), np.array(amt))[:, 1:, :]
         for name in ("B", "S"):
             r = want[m.states.index(name)].T
-            # relative to at least 1 % of full scale (B is a fraction): after a few periods
-            # without a dose B is ~1e-4, and the neglected 1e-4 of a dose is of its size
             err = np.abs(got[:, :, col[name]] - r) / np.maximum(np.abs(r), 1e-2)
-            assert err.max() < 5e-3, (w, name, err.max())
+            assert err.max() < tol, (w, name, err.max())
+
+
+def test_memory_none_takes_no_earlier_period_when_doses_die_out_within_one():
+    """With 50 L/h out of 50 L (e^-24 of a dose left after a 24-h period) ``memory=None``
+    gives every subject memory 0: one map per pattern, whatever came before; the solution
+    still matches the reference."""
+    m = parse_model(TOY.replace("{S}", "-K*B*S"), "toy.toml")
+    n = 3
+    par = {"CL": np.full(n, 50.0), "V": np.full(n, 50.0), "KA": np.array([2.0, 3.0, 4.0]),
+           "K": np.full(n, 0.1)}
+    patterns = [Pattern((0.0,), (10.0,)), Pattern((0.0, 6.0), (5.0, 5.0)), Pattern()]
+    ps = PeriodicSolver(m, par, {}, patterns, period=24.0, step=6.0, refine=(2.0,),
+                        memory=None)
+    assert (ps._mem == 0).all()
+    _check_against_reference(ps, m, par, patterns, 8, 5e-3)
 
 
 def test_a_slow_eliminator_gets_a_longer_memory_alone():
