@@ -57,6 +57,7 @@ __all__ = ["Endpoint", "FitResult", "FitSpecError", "Prior", "Sampler", "fit", "
 ERROR_MODELS = ("additive", "proportional", "combined", "lognormal")
 REPO_FITS = Path(__file__).resolve().parent.parent / "fits"  # example specs
 ENGINES = ("auto", "nutpie", "pymc")
+MASS_MATRICES = ("diagonal", "low-rank")
 _JITTER = 0.1
 
 
@@ -106,6 +107,10 @@ class Sampler:
     engine: str = "auto"
     cores: int | None = None
     progress: bool = True
+    # "diagonal", or "low-rank" (nutpie's low-rank modified mass matrix, adapted from draws
+    # and gradients: for posteriors with strongly correlated directions, e.g. kill and growth
+    # rates pinned by an M-spike decline through their difference)
+    mass_matrix: str = "diagonal"
 
     def check(self, where: str = "sampler") -> None:
         for k in ("chains", "draws", "tune"):
@@ -120,6 +125,12 @@ class Sampler:
         if self.engine not in ENGINES:
             raise FitSpecError(f"{where}.engine: expected one of {', '.join(ENGINES)}, got "
                                f"{self.engine!r}")
+        if self.mass_matrix not in MASS_MATRICES:
+            raise FitSpecError(f"{where}.mass_matrix: expected one of "
+                               f"{', '.join(MASS_MATRICES)}, got {self.mass_matrix!r}")
+        if self.mass_matrix == "low-rank" and self.engine == "pymc":
+            raise FitSpecError(f"{where}.mass_matrix: 'low-rank' needs engine 'nutpie' (PyMC's "
+                               "NUTS adapts a diagonal mass matrix)")
 
 
 # --------------------------------------------------------------------------- model building
@@ -461,8 +472,9 @@ def _sample(b: _Built, s: Sampler):
         try:
             import nutpie  # noqa: F401
         except ImportError:
-            warnings.warn("nutpie is not installed: sampling with PyMC's NUTS", stacklevel=3)
-            s = dataclasses.replace(s, engine="pymc")
+            warnings.warn("nutpie is not installed: sampling with PyMC's NUTS (diagonal mass "
+                          "matrix)", stacklevel=3)
+            s = dataclasses.replace(s, engine="pymc", mass_matrix="diagonal")
     if s.engine == "nutpie":
         return sample_nutpie(compile_nutpie(b, s.seed), s)
     with b.pm_model:
@@ -505,7 +517,8 @@ def sample_nutpie(compiled, s: Sampler):
     return nutpie.sample(compiled, draws=s.draws, tune=s.tune, chains=s.chains, seed=s.seed,
                          target_accept=s.target_accept, progress_bar=s.progress,
                          cores=s.cores or min(s.chains, os.cpu_count() or 1),
-                         save_warmup=False)
+                         save_warmup=False,
+                         low_rank_modified_mass_matrix=s.mass_matrix == "low-rank")
 
 
 def _check_individual(table: pd.DataFrame | None, model: Model, priors: Mapping[str, Prior],
@@ -690,7 +703,7 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         cores: int | None = None, progress: bool = True, posterior_predictive: bool = True,
         where: str = "fit", individual: pd.DataFrame | str | os.PathLike | None = None,
         population: Mapping[str, float] | str | os.PathLike | None = None,
-        likelihood: str = "auto") -> FitResult:
+        likelihood: str = "auto", mass_matrix: str = "diagonal") -> FitResult:
     """Fit a population model to a NONMEM data set; returns a :class:`FitResult`.
 
     ``endpoints`` default: the model's first output, proportional error, all observations.
@@ -707,12 +720,14 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
     ``likelihood``: "auto" (closed form for linear models, else compiled sensitivities),
     "periodic" (the periodic graph of :mod:`pkpd.periodic_likelihood`, for PK-driven models
     under regular dosing) or "sensitivity"; see :func:`pkpd.sensitivity.predictor`.
+    ``mass_matrix``: "diagonal" or "low-rank" (nutpie only; see :class:`Sampler`).
     """
     model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     ds = read_nonmem(data) if isinstance(data, (str, os.PathLike)) else (
         data if isinstance(data, Dataset) else from_frame(data))
     endpoints = list(endpoints or [Endpoint(next(iter(model.outputs)))])
-    sampler = Sampler(chains, draws, tune, seed, target_accept, engine, cores, progress)
+    sampler = Sampler(chains, draws, tune, seed, target_accept, engine, cores, progress,
+                      mass_matrix)
     sampler.check(f"{where}: sampler" if where != "fit" else "sampler")
     started = time.perf_counter()
     if individual is not None and not isinstance(individual, pd.DataFrame):
@@ -723,6 +738,7 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
               prior_sd=prior_sd, centred=centred, where=where, individual=individual,
               population=population, likelihood=likelihood)
     sampler = _engine(b, sampler)
+    sampler.check(f"{where}: sampler" if where != "fit" else "sampler")  # engine resolved
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         idata = _sample(b, sampler)
@@ -793,6 +809,7 @@ class FitResult:
                "min_ess_tail": float(s["ess_tail"].min()), "divergences": div,
                "chains": self.sampler.chains, "draws": self.sampler.draws,
                "tune": self.sampler.tune, "engine": self.sampler.engine,
+               "mass_matrix": self.sampler.mass_matrix,
                "wall_time_s": round(self.wall_time, 2), "warnings": list(self.warnings)}
         if self.built.population:  # PPP&D: what was fixed, not estimated
             out["fixed_population"] = dict(self.built.population)
@@ -1132,7 +1149,7 @@ _SPEC_KEYS = {"fit": {"name", "model", "data", "iiv", "prior_sd", "output",
                      "parameterization", "individual", "population"},
               "endpoints": {"output", "error", "dvid", "sigma_add", "sigma_prop"},
               "sampler": {"chains", "draws", "tune", "seed", "target_accept", "engine",
-                          "cores", "progress"},
+                          "cores", "progress", "mass_matrix"},
               "priors": None}
 
 
@@ -1168,6 +1185,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         seed = 1
         target_accept = 0.8
         engine = "auto"                   # nutpie (closed form) or pymc (nonlinear)
+        mass_matrix = "diagonal"          # or "low-rank" (nutpie)
 
     BLQ records: a ``CENS`` column (1 = below LLOQ, DV = LLOQ) or ``BLQ``/``BLOQ`` with
     ``LLOQ``; they enter by the M3 method.
@@ -1336,7 +1354,7 @@ def fit_spec(spec: FitSpec | str | os.PathLike, *, progress: bool = True,
               centred=spec.centred, chains=s.chains, draws=s.draws, tune=s.tune, seed=s.seed,
               target_accept=s.target_accept, engine=s.engine, cores=s.cores,
               progress=s.progress, where=str(spec.path), individual=spec.individual,
-              population=spec.population)
+              population=spec.population, mass_matrix=s.mass_matrix)
     if write:
         res.save(spec.output, spec_text=spec.text)
     return res
