@@ -247,10 +247,12 @@ def test_a_slow_eliminator_gets_a_longer_memory_alone():
 def test_ladder_skips_settled_groups_as_if_stepping_them(ladder):
     """run_ladder steps its groups of slow states apart (platelet chain; clone burden,
     M-protein, sFLC and hazards) and does not step a group whose period start repeats the
-    last one's within skip_tol (1e-8) under unchanged maps, nor steps one within the period
+    last one's within skip_tol (1e-6) under unchanged maps, nor steps one within the period
     where its rates barely change (e.g. the burden without drug: whole_tol 0.01): the same
     doses, holds and weekly minima as stepping every group on every step, every recorded
-    state within 5e-5 (platelets and their minima within 1e-6), with platelet weeks
+    state within 5e-5 (platelets and their minima within 2e-5: a skipped group keeps the
+    rest of its geometric approach to the orbit, ≤ skip_tol·ρ/(1 − ρ) for a weekly ratio ρ,
+    here ≤ 0.95; measured 2.6e-6), with platelet weeks
     skipped: here 12 % of the first year at 100 mg QW (66 % over two years in a 2,500-patient
     block of prior draws), 98 % without drug."""
     m = load_model("selinexor_smm")
@@ -269,10 +271,10 @@ def test_ladder_skips_settled_groups_as_if_stepping_them(ladder):
     assert ps.groups == [["SENS", "RES", "MPROT", "FLC", "HPROG", "HSRE"],
                          ["PROL", "TRANSIT1", "TRANSIT2", "TRANSIT3", "CIRC"]]
     np.testing.assert_array_equal(fast.which, full.which)
-    np.testing.assert_allclose(fast.low, full.low, rtol=1e-6)
+    np.testing.assert_allclose(fast.low, full.low, rtol=2e-5)
     np.testing.assert_allclose(fast.total, full.total, rtol=1e-12)
     for j, name in enumerate(record):
-        tol = 1e-6 if name in ps.groups[1] else 5e-5
+        tol = 2e-5 if name in ps.groups[1] else 5e-5
         np.testing.assert_allclose(fast.record[:, :, j], full.record[:, :, j], rtol=tol,
                                    atol=1e-12, err_msg=name)
     assert full.skipped.sum() == 0 and fast.skipped[:, 0].sum() == 0  # the burden grows

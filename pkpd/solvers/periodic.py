@@ -960,7 +960,7 @@ class PeriodicSolver:
     multiplies the spacing of the maps' quadrature grid (:func:`_grid`; default 2: 0.2 h
     after a dose, with Richardson extrapolation XPO1 binding within 2.2e-4 of the reference
     against 8.6e-4 with the second-order maps on the grid of 0.1 h). ``skip_tol``
-    (relative, default 1e-8) and ``whole_tol`` (default 0.01: the step's error ≈ 1e-5 of the
+    (relative, default 1e-6) and ``whole_tol`` (default 0.01: the step's error ≈ 1e-5 of the
     period's change) apply to :meth:`run_ladder`.
     """
 
@@ -968,7 +968,7 @@ class PeriodicSolver:
                  covariates: Mapping[str, np.ndarray], patterns: Sequence[Pattern], *,
                  period: float = 168.0, step: float = 24.0,
                  refine: Sequence[float] = (12.0,), carry_tol: float = 1e-4,
-                 memory: int | None = 1, skip_tol: float = 1e-8, whole_tol: float = 0.01,
+                 memory: int | None = 1, skip_tol: float = 1e-6, whole_tol: float = 0.01,
                  grid_scale: float = 2.0):
         from ..simulation import _exact_part, _parameter_table, _per_subject
 
