@@ -728,7 +728,8 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
     endpoints = list(endpoints or [Endpoint(next(iter(model.outputs)))])
     sampler = Sampler(chains, draws, tune, seed, target_accept, engine, cores, progress,
                       mass_matrix)
-    sampler.check(f"{where}: sampler" if where != "fit" else "sampler")
+    label = f"{where}: sampler" if where != "fit" else "sampler"
+    sampler.check(label)
     started = time.perf_counter()
     if individual is not None and not isinstance(individual, pd.DataFrame):
         individual = read_individual(individual)
@@ -738,7 +739,7 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
               prior_sd=prior_sd, centred=centred, where=where, individual=individual,
               population=population, likelihood=likelihood)
     sampler = _engine(b, sampler)
-    sampler.check(f"{where}: sampler" if where != "fit" else "sampler")  # engine resolved
+    sampler.check(label)  # again with the engine resolved (e.g. low-rank needs nutpie)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         idata = _sample(b, sampler)

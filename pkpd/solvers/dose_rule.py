@@ -29,7 +29,8 @@ from numba import njit
 ''' + RULE + '''
 
 @njit(cache=True)
-def apply(dosing, low, end, held, level, n_levels, hold_below, resume_at, resumed, stopped):
+def apply_all(dosing, low, end, held, level, n_levels, hold_below, resume_at, resumed,
+              stopped):
     for i in range(held.shape[0]):
         h, v, r, s = dose_rule(dosing[i], low[i], end[i], held[i], level[i], n_levels,
                                hold_below, resume_at)
@@ -49,7 +50,7 @@ def apply(low: np.ndarray, end: np.ndarray, held: np.ndarray, level: np.ndarray,
 
     dosing = ~held & ~stopped
     resumed = np.zeros(len(held), np.bool_)
-    load_kernel(_ARRAYS).apply(dosing, np.asarray(low, float), np.asarray(end, float), held,
+    load_kernel(_ARRAYS).apply_all(dosing, np.asarray(low, float), np.asarray(end, float), held,
                                level, int(n_levels), float(hold_below), float(resume_at),
                                resumed, stopped)
     return resumed
