@@ -174,20 +174,28 @@ def test_patients_outside_the_periodic_assumption_use_the_ode_engine():
 
 
 def test_memory_follows_doses_over_several_periods():
-    """With ``memory=None`` the maps follow the doses of as many earlier periods (≤ 3) as
+    """With ``memory=None`` the maps follow the doses of as many earlier periods (0-3) as
     elimination needs: with 6 L/h out of 50 L, ≈ 0.5 % of a dose is left after 48 h (two
     24-h periods; the default memory 1 refuses that, see above), below 1e-4 after 96 h
     (memory 3). The solution then matches the reference (0.5 %, as the trial model's
     states)."""
+    ps, case = _toy_memory_none(6.0, [1.0, 1.5, 3.0])
+    assert ps.memory == 3
+    _check_against_reference(ps, *case, 12, 5e-3)
+
+
+def _toy_memory_none(cl: float, ka: list[float]):
+    """The toy model for 3 subjects (CL ``cl`` L/h of 50 L, KA ``ka`` /h) with 3 patterns of
+    a 24-h period, solved with ``memory=None``: the solver and (model, parameters,
+    patterns)."""
     m = parse_model(TOY.replace("{S}", "-K*B*S"), "toy.toml")
-    n = 3
-    par = {"CL": np.full(n, 6.0), "V": np.full(n, 50.0), "KA": np.array([1.0, 1.5, 3.0]),
+    n = len(ka)
+    par = {"CL": np.full(n, cl), "V": np.full(n, 50.0), "KA": np.array(ka),
            "K": np.full(n, 0.1)}
     patterns = [Pattern((0.0,), (10.0,)), Pattern((0.0, 6.0), (5.0, 5.0)), Pattern()]
     ps = PeriodicSolver(m, par, {}, patterns, period=24.0, step=6.0, refine=(2.0,),
                         memory=None)
-    assert ps.memory == 3
-    _check_against_reference(ps, m, par, patterns, 12, 5e-3)
+    return ps, (m, par, patterns)
 
 
 def _check_against_reference(ps, m, par, patterns, periods: int, tol: float) -> None:
@@ -220,15 +228,9 @@ def test_memory_none_takes_no_earlier_period_when_doses_die_out_within_one():
     """With 50 L/h out of 50 L (e^-24 of a dose left after a 24-h period) ``memory=None``
     gives every subject memory 0: one map per pattern, whatever came before; the solution
     still matches the reference."""
-    m = parse_model(TOY.replace("{S}", "-K*B*S"), "toy.toml")
-    n = 3
-    par = {"CL": np.full(n, 50.0), "V": np.full(n, 50.0), "KA": np.array([2.0, 3.0, 4.0]),
-           "K": np.full(n, 0.1)}
-    patterns = [Pattern((0.0,), (10.0,)), Pattern((0.0, 6.0), (5.0, 5.0)), Pattern()]
-    ps = PeriodicSolver(m, par, {}, patterns, period=24.0, step=6.0, refine=(2.0,),
-                        memory=None)
+    ps, case = _toy_memory_none(50.0, [2.0, 3.0, 4.0])
     assert (ps._mem == 0).all()
-    _check_against_reference(ps, m, par, patterns, 8, 5e-3)
+    _check_against_reference(ps, *case, 8, 5e-3)
 
 
 def test_a_slow_eliminator_gets_a_longer_memory_alone():
