@@ -728,6 +728,7 @@ def _advance_source(a: list[sp.Expr], b: list[sp.Expr], const: list[bool],
     src = src.replace("{links}", "\n".join(links) or "    pass")
     src = src.replace("{pred}", lines(every, pred, " " * 8))
     src = src.replace("{corr}", lines(every, corr, " " * 8))
+
     def scalar(template: str, k: int, qs: list[int], ind: int) -> str:
         # a group's step in local scalars (states, predictor, rates), the rates' lines
         # inlined twice: not rate functions writing to slices of one scratch buffer, which
