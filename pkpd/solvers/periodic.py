@@ -828,8 +828,8 @@ def _scalar_steps(text: str) -> str:
                   lambda mt: f"{names[mt.group(1)]}_{mt.group(2)}", text)
 
 
-# the scratch slices of buf (advance_one, advance_groups): own rates and sources at the step
-# start and at the predictor, the predictor, the power memo
+# the scratch slices of buf: own rates and sources at the step start and at the predictor,
+# the predictor (advance_one; advance_groups keeps these in local scalars), the power memo
 _SCRATCH = """    a0 = buf[nd:nd + ns]
     b0 = buf[nd + ns:nd + 2 * ns]
     a1 = buf[nd + 2 * ns:nd + 3 * ns]
