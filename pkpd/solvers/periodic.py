@@ -882,25 +882,22 @@ def advance_groups(pi, xd, xs, mp, db, widths, co, out, buf, stepd, skip, fs, ct
     fbar = buf[:nd]
     memo[:] = np.nan
 {links}
-    for q in range(nd):
-        fbar[q] = 0.0
-    for j in range(steps):
-        ih = 1.0 / widths[j]
-        for q in range(nd):
-            if stepd[q]:
-                x0 = xd[q]
-                v = mp[j, 2, q] * x0 + mp[j, 3, q]
-                fbar[q] += v
-                fs[j, q] = v * ih
-                xd[q] = mp[j, 0, q] * x0 + mp[j, 1, q]
-                out[j, q] = xd[q]
-    for q in range(nd):
-        if not stepd[q]:
-            x0 = xd[q]
-            fbar[q] = mp[steps, 2, q] * x0 + mp[steps, 3, q]
-            xd[q] = mp[steps, 0, q] * x0 + mp[steps, 1, q]
-            out[steps - 1, q] = xd[q]
-        fbar[q] /= period
+    for q in range(nd):  # each driven state through the steps (stepd) or by its period map
+        x0 = xd[q]
+        if stepd[q]:
+            v = 0.0
+            for j in range(steps):
+                y0 = mp[j, 2, q] * x0 + mp[j, 3, q]
+                v += y0
+                fs[j, q] = y0 * (1.0 / widths[j])
+                x0 = mp[j, 0, q] * x0 + mp[j, 1, q]
+                out[j, q] = x0
+            fbar[q] = v / period
+        else:
+            fbar[q] = (mp[steps, 2, q] * x0 + mp[steps, 3, q]) / period
+            x0 = mp[steps, 0, q] * x0 + mp[steps, 1, q]
+            out[steps - 1, q] = x0
+        xd[q] = x0
 {groups}"""
 
 
