@@ -823,9 +823,8 @@ def _scalar_rates(body: list[str], x: str, stage: str, indent: str) -> str:
 def _scalar_steps(text: str) -> str:
     """Generated stepping lines (``xs[q]``, ``pred[q]``, ``a0[q]``, ...) on the local scalars
     ``xs_q``, ``xp_q``, ``a0_q``, ..."""
-    names = {"xs": "xs", "pred": "xp", "a0": "a0", "b0": "b0", "a1": "a1", "b1": "b1"}
     return re.sub(r"(?<![\w.])(xs|pred|a0|b0|a1|b1)\[(\d+)\]",
-                  lambda mt: f"{names[mt.group(1)]}_{mt.group(2)}", text)
+                  lambda mt: f"{'xp' if mt[1] == 'pred' else mt[1]}_{mt[2]}", text)
 
 
 # the scratch slices of buf: own rates and sources at the step start and at the predictor,
