@@ -827,8 +827,8 @@ def _scalar_steps(text: str) -> str:
                   lambda mt: f"{'xp' if mt[1] == 'pred' else mt[1]}_{mt[2]}", text)
 
 
-# the scratch slices of buf: own rates and sources at the step start and at the predictor,
-# the predictor (advance_one; advance_groups keeps these in local scalars), the power memo
+# advance_one's scratch slices of buf: own rates and sources at the step start and at the
+# predictor, the predictor, the power memo (advance_groups keeps all but the memo in locals)
 _SCRATCH = """    a0 = buf[nd:nd + ns]
     b0 = buf[nd + ns:nd + 2 * ns]
     a1 = buf[nd + 2 * ns:nd + 3 * ns]
@@ -877,7 +877,7 @@ def advance_groups(pi, xd, xs, mp, db, widths, co, out, buf, stepd, skip, fs, ct
     nd = xd.shape[0]
     ns = xs.shape[0]
     steps = widths.shape[0]
-{scratch}
+    memo = buf[nd + 5 * ns:nd + 5 * ns + 3 * NPOW]  # the same slice as advance_one's
     fbar = buf[:nd]
     memo[:] = np.nan
 {links}
