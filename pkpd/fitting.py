@@ -49,6 +49,7 @@ import pandas as pd
 import sympy as sp
 
 from .dataset import Dataset, DatasetError, from_frame, read_nonmem
+from .loo import loo
 from .model import Model, ModelError, load_model
 
 __all__ = ["Endpoint", "FitResult", "FitSpecError", "Prior", "Sampler", "fit", "fit_spec",
@@ -818,11 +819,8 @@ class FitResult:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    loo = az.loo(self.idata, var_name=None if len(self.built.endpoints) == 1
-                                 else f"obs_{self.built.endpoints[0].label}")
-                    out["elpd_loo"] = float(loo.elpd_loo)
-                    out["p_loo"] = float(loo.p_loo)
-                    out["pareto_k_over_0.7"] = int(np.sum(loo.pareto_k.values > 0.7))
+                    out.update(loo(self.idata, var_name=None if len(self.built.endpoints) == 1
+                                   else f"obs_{self.built.endpoints[0].label}"))
                 except Exception as exc:  # noqa: BLE001 - LOO is informative only
                     out["elpd_loo"] = f"unavailable: {exc}"
         return out
