@@ -4,8 +4,8 @@
 
 The issue's target case is 4 regimens (40, 60, 100 mg QW and observation) × 500 draws × 500
 patients × 2 years (10⁶ patient-trajectories of 104 weeks): ``--draws 500 --n 500`` runs it
-(87 s on a 2-core Zen 1 EPYC, 46 s on a 2-core Zen 4 EPYC: the JSON
-records the CPU). By default this script times a smaller case on the same code path
+(87 s on a 2-core Zen 1 EPYC, 46-53 s on a 2-core Zen 4 EPYC: the JSON records the CPU,
+``benchmarks/machine.py``). By default this script times a smaller case on the same code path
 (prior draws, blocks of draws, Dask local cluster with ``--workers`` single-threaded worker
 processes, or ``--workers 0`` for serial) and scales linearly in patient-weeks to the target
 (which overstates it: a small case pays more per patient-week for set-up and the last
@@ -89,7 +89,7 @@ def main() -> None:
         with open(tmp, "w") as fh:
             json.dump({**describe(), "regimens": len(c.regimens), "draws": a.draws, "n": a.n,
                        "years": a.years, "workers": a.workers, "threads": a.threads,
-                       "cores": os.cpu_count(), "seconds": dt,
+                       "seconds": dt,
                        "cpu_seconds": None if a.workers else cpu,
                        "us_per_patient_week": 1e6 * dt / pw,
                        "projected_target_seconds": dt * target / pw,
