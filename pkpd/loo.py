@@ -3,10 +3,11 @@
 A censored record far below the LLOQ (M3: log Φ(…) rounds to 0.0 in most or all draws), or
 any observation the parameters barely move, has importance ratios that are all equal or
 nearly so. ArviZ's Pareto smoothing then divides by zero: it returns NaN for that observation
-(and so for elpd_loo) when a few draws differ from 0 by a rounding error, and k = ∞ (a "very
-bad" observation) when none does. Such an observation needs no smoothing: its ratios lie
-within a factor e^``flat`` of each other, so plain importance sampling is exact up to Monte
-Carlo error (and exactly right for a constant log-likelihood).
+(and so for elpd_loo) when most draws are 0.0 and the others differ slightly (by up to 0.013
+in a CI run), and k = ∞ (a "very bad" observation) when none does. Such an observation
+needs no smoothing: its ratios lie within a factor e^``flat`` of each other, so plain
+importance sampling is exact up to Monte Carlo error (and exactly right for a constant
+log-likelihood).
 """
 
 from __future__ import annotations
