@@ -27,6 +27,7 @@ import time
 
 from machine import describe
 
+from pkpd._io import atomic_write_text
 from pkpd.compare import compare
 
 REGIMENS = ["40 mg QW", "60 mg QW", "100 mg QW"]  # + observation ("none"), added by compare
@@ -85,16 +86,13 @@ def main() -> None:
     print(f"scaled to 4 × 500 × 500 × 2 y ({target:,} patient-weeks): "
           f"{dt * target / pw:,.0f} s (target 60 s)")
     if a.json:  # written whole or not at all
-        tmp = f"{a.json}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump({**describe(), "regimens": len(c.regimens), "draws": a.draws, "n": a.n,
-                       "years": a.years, "workers": a.workers, "threads": a.threads,
-                       "seconds": dt,
-                       "cpu_seconds": None if a.workers else cpu,
-                       "us_per_patient_week": 1e6 * dt / pw,
-                       "projected_target_seconds": dt * target / pw,
-                       "load_before": load0[0], "load_after": load1[0]}, fh, indent=1)
-        os.replace(tmp, a.json)
+        out = {**describe(), "regimens": len(c.regimens), "draws": a.draws, "n": a.n,
+               "years": a.years, "workers": a.workers, "threads": a.threads, "seconds": dt,
+               "cpu_seconds": None if a.workers else cpu,
+               "us_per_patient_week": 1e6 * dt / pw,
+               "projected_target_seconds": dt * target / pw,
+               "load_before": load0[0], "load_after": load1[0]}
+        atomic_write_text(a.json, json.dumps(out, indent=1))
     print(c.decision[["LOW_DOSE", "P_PROGRESSION_NONINFERIOR", "P_AE_LOWER",
                       "P_BENEFIT_VS_OBSERVATION", "DECISION"]].to_string(index=False))
 

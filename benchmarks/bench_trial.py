@@ -32,6 +32,7 @@ import sympy as sp
 from machine import describe
 from scipy.integrate import solve_ivp
 
+from pkpd._io import atomic_write_text
 from pkpd.model import TIME, load_model
 from pkpd.simulation import Course, individual_parameters, sample_etas
 from pkpd.trial import WEEK, run_trial
@@ -117,15 +118,13 @@ def main() -> None:
     print("max relative difference after 2 years, fast vs scipy loop: "
           + ", ".join(f"{s} {v:.1e}" for s, v in diff.items()))
     if a.json:  # written whole or not at all
-        tmp = f"{a.json}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump({**describe(), "n": a.n, "years": a.years,
-                       "periodic_seconds": fast, "periodic_cpu_seconds": cpu,
-                       "periodic_us_per_patient_week": per_fast * 1e6, "ode_seconds": ode,
-                       "ode_over_periodic": ode / fast, "largest_summary_gap": float(gap.max()),
-                       "scipy_ms_per_patient_week": per_base * 1e3,
-                       "load_before": load0[0], "load_end": os.getloadavg()[0]}, fh, indent=1)
-        os.replace(tmp, a.json)
+        out = {**describe(), "n": a.n, "years": a.years,
+               "periodic_seconds": fast, "periodic_cpu_seconds": cpu,
+               "periodic_us_per_patient_week": per_fast * 1e6, "ode_seconds": ode,
+               "ode_over_periodic": ode / fast, "largest_summary_gap": float(gap.max()),
+               "scipy_ms_per_patient_week": per_base * 1e3,
+               "load_before": load0[0], "load_end": os.getloadavg()[0]}
+        atomic_write_text(a.json, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
