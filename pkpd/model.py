@@ -466,9 +466,8 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
         if section not in SECTIONS:
             raise src.error(section, None, f"unknown section (expected one of "
                             f"{', '.join(SECTIONS)})")
-    for section in ("model", "parameters", "compartments", "odes", "outputs"):
-        if section not in doc:
-            raise ModelError(f"{path}: missing section [{section}]")
+    if "model" not in doc:
+        raise ModelError(f"{path}: missing section [model]")
     for section, body in doc.items():
         if not isinstance(body, dict):
             raise ModelError(f"{path}: {section} must be a section [{section}], got {body!r}")
@@ -476,6 +475,9 @@ def parse_model(text: str, path: str = "<memory>") -> Model:
     if not isinstance(head.get("name"), str):
         raise src.error("model", "name", "expected a string name")
     doc = _with_used_models(doc, src)
+    for section in ("parameters", "compartments", "odes", "outputs"):  # own or used models'
+        if section not in doc:
+            raise ModelError(f"{path}: missing section [{section}]")
 
     # names ---------------------------------------------------------------------------
     seen: dict[str, str] = {}
@@ -674,7 +676,8 @@ def _with_used_models(doc: dict, src: _Source) -> dict:
 
     Used models are collected recursively and each is merged once, so two models that both
     build on ``selinexor_xpo1`` can be used together; a name defined by two different models
-    is an error.
+    is an error. A ``[derived]`` statement named like a used model's parameter replaces that
+    parameter (a reparameterisation, e.g. ``smm_mspike_net``'s KKILL from a net rate).
     """
     order: list[tuple[str, dict, str]] = []  # (path, own sections, model name), dependencies first
     _collect_used(doc, src, order, set())
@@ -692,13 +695,25 @@ def _with_used_models(doc: dict, src: _Source) -> dict:
                                     f"{owner[(section, key)]!r} and {name!r}")
                 owner[(section, key)] = name
             target.update(body)
+    # a [derived] statement may replace a used model's parameter (a reparameterisation,
+    # e.g. a kill rate written through a net rate): the parameter is dropped and the
+    # statement comes first among the derived ones
+    mine_derived = merged.get("derived", {})
+    replaced = {k: v for k, v in mine_derived.items()
+                if k in base_sections.get("parameters", {})}
+    if replaced:
+        base_sections["parameters"] = {k: v for k, v in base_sections["parameters"].items()
+                                       if k not in replaced}
+        merged["derived"] = {k: v for k, v in mine_derived.items() if k not in replaced}
     for section, body in base_sections.items():
         mine = merged.get(section, {})
         for key in mine:
             if key in body:
                 raise src.error(section, key, f"already defined by the used model "
                                 f"{owner[(section, key)]!r}")
-        merged[section] = {**body, **mine}
+        merged[section] = {**(replaced if section == "derived" else {}), **body, **mine}
+    if replaced and "derived" not in base_sections:
+        merged["derived"] = {**replaced, **merged.get("derived", {})}
     return merged
 
 

@@ -563,3 +563,43 @@ uses = ["{tmp_path / 'a.toml'}", "{tmp_path / 'b.toml'}"]
     with pytest.raises(ModelError, match="EC50: defined by both used models 'emax_on_pk' and "
                                          "'inh_on_pk'"):
         parse_model(both, "both.toml")
+
+
+def test_a_derived_statement_replaces_a_used_models_parameter() -> None:
+    """A reparameterisation: KE = CL/V of the PK model written through a half-life."""
+    text = """
+[model]
+name = "pk_thalf"
+uses = ["pk_1cmt_oral"]
+[parameters]
+THALF = { value = 6.93147, unit = "h" }
+[derived]
+CL = "log(2)*V/THALF"
+"""
+    m = parse_model(text, "thalf.toml")
+    assert "CL" not in m.parameters and "THALF" in m.parameters
+    base = load_model("pk_1cmt_oral")
+    ke = base.odes["CENTRAL"].coeff(sp.Symbol("CENTRAL", real=True))
+    ke_new = m.odes["CENTRAL"].coeff(sp.Symbol("CENTRAL", real=True))
+    v, th = sp.Symbol("V", real=True), sp.Symbol("THALF", real=True)
+    assert sp.simplify(ke_new + sp.log(2) / th) == 0
+    assert ke == -sp.Symbol("CL", real=True) / v
+
+
+def test_smm_mspike_net_is_smm_mspike_with_kkill_from_the_net_rate() -> None:
+    """Same trajectories as smm_mspike at KKILL = (KNET + KG)/IREF (100 mg QW, 1 year)."""
+    import numpy as np
+
+    from pkpd.simulation import simulate_regimen
+
+    net, base = load_model("smm_mspike_net"), load_model("smm_mspike")
+    assert set(base.parameters) - set(net.parameters) == {"KKILL"}
+    p = {k: v.value for k, v in net.parameters.items()}
+    kkill = (p["KNET"] + p["KG"]) / p["IREF"]
+    assert kkill == pytest.approx(base.parameters["KKILL"].value, rel=1e-3)
+    t = np.arange(0.0, 8760.0, 168.0)
+    a = simulate_regimen(net, "100 mg QW", t)
+    b = simulate_regimen(base, "100 mg QW", t, params={"KKILL": kkill})
+    for out in ("MSPIKE", "TUMOR", "CP"):
+        np.testing.assert_allclose(np.asarray(a[out]), np.asarray(b[out]), rtol=1e-9)
+    assert float(np.asarray(a["MSPIKE"]).ravel()[-1]) < 0.7 * 2.0  # it does respond
