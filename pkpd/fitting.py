@@ -212,6 +212,32 @@ def _observations(ds: Dataset, endpoints: Sequence[Endpoint], where: str
     return out
 
 
+def _centring(centred: Mapping[str, object], eta_names: list[str], n: int, iiv: str,
+              where: str) -> np.ndarray:
+    """Partial centring λ (subjects × η, each in [0, 1]) from ``centred`` = {name: λ or one λ
+    per subject}; parameters not named get λ = 0 (non-centred)."""
+    unknown = sorted(set(centred) - set(eta_names))
+    if unknown:
+        raise FitSpecError(f"{where}: centred: {', '.join(unknown)} not a parameter with IIV "
+                           f"(those are {', '.join(eta_names) or 'none'})")
+    if iiv != "diagonal" and len(eta_names) > 1:
+        raise FitSpecError(f"{where}: centred: partial centring needs iiv = 'diagonal', "
+                           f"got {iiv!r}")
+    lam = np.zeros((n, len(eta_names)))
+    for j, k in enumerate(eta_names):
+        if k not in centred:
+            continue
+        try:
+            v = np.broadcast_to(np.asarray(centred[k], dtype=float), (n,))
+        except (TypeError, ValueError):
+            raise FitSpecError(f"{where}: centred.{k}: expected a number in [0, 1] or one per "
+                               f"subject ({n})") from None
+        if not np.all((v >= 0) & (v <= 1)):
+            raise FitSpecError(f"{where}: centred.{k}: λ must be in [0, 1]")
+        lam[:, j] = v
+    return lam
+
+
 def _centred(centred: bool | Sequence[str], eta_names: list[str], iiv: str,
               where: str) -> set[str]:
     """The parameters whose η are sampled directly (``centred``: all, none or names)."""
@@ -317,7 +343,9 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
     for o in obs.values():
         o["pos"] = np.array([pos[r] for r in o["rows"]])
     S = pred.n_subjects
-    cen = _centred(centred, eta_names, iiv, where)
+    lam = (_centring(centred, eta_names, S, iiv, where) if isinstance(centred, Mapping)
+           else None)
+    cen = _centred(centred, eta_names, iiv, where) if lam is None else set()
     coords = {"subject": pred.subject_ids, "eta_param": eta_names}
     initial: dict[str, np.ndarray] = {}
     sigma_names: dict[str, list[str]] = {}
@@ -367,7 +395,11 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                     "omega_chol", n=K, eta=2.0, sd_dist=pm.HalfNormal.dist(scale, shape=K),
                     compute_corr=True)
                 om = pm.Deterministic("omega", stds, dims="eta_param")
-            if 0 < len(cen) < K:  # mixed: η of rich-data parameters direct, the rest via z
+            if lam is not None:  # partial centring: u ~ N(0, ω^λ), η = u·ω^(1-λ)
+                u = pm.Normal("eta_u", 0.0, om ** lam, dims=("subject", "eta_param"))
+                initial["eta_u"] = np.zeros((S, K))
+                e = pm.Deterministic("eta", u * om ** (1.0 - lam), dims=("subject", "eta_param"))
+            elif 0 < len(cen) < K:  # mixed: η of rich-data parameters direct, the rest via z
                 jc = [j for j, k in enumerate(eta_names) if k in cen]
                 jn = [j for j, k in enumerate(eta_names) if k not in cen]
                 pmm.add_coord("eta_centred", [eta_names[j] for j in jc])
