@@ -58,6 +58,7 @@ __all__ = ["Endpoint", "FitResult", "FitSpecError", "Prior", "Sampler", "fit", "
 ERROR_MODELS = ("additive", "proportional", "combined", "lognormal")
 REPO_FITS = Path(__file__).resolve().parent.parent / "fits"  # example specs
 ENGINES = ("auto", "nutpie", "pymc")
+BACKENDS = ("numba", "jax")
 MASS_MATRICES = ("diagonal", "low-rank")
 _JITTER = 0.1
 
@@ -112,6 +113,9 @@ class Sampler:
     # and gradients: for posteriors with strongly correlated directions, e.g. kill and growth
     # rates pinned by an M-spike decline through their difference)
     mass_matrix: str = "diagonal"
+    # nutpie's backend: "numba", or "jax" (needs jax: ``pip install pkpd[jax]``; compiles the
+    # periodic likelihood's graph in seconds instead of minutes)
+    backend: str = "numba"
 
     def check(self, where: str = "sampler") -> None:
         for k in ("chains", "draws", "tune"):
@@ -129,6 +133,12 @@ class Sampler:
         if self.mass_matrix not in MASS_MATRICES:
             raise FitSpecError(f"{where}.mass_matrix: expected one of "
                                f"{', '.join(MASS_MATRICES)}, got {self.mass_matrix!r}")
+        if self.backend not in BACKENDS:
+            raise FitSpecError(f"{where}.backend: expected one of {', '.join(BACKENDS)}, got "
+                               f"{self.backend!r}")
+        if self.backend == "jax" and self.engine == "pymc":
+            raise FitSpecError(f"{where}.backend: 'jax' is nutpie's backend; engine 'pymc' "
+                               "compiles with PyTensor's C backend")
         if self.mass_matrix == "low-rank" and self.engine == "pymc":
             raise FitSpecError(f"{where}.mass_matrix: 'low-rank' needs engine 'nutpie' (PyMC's "
                                "NUTS adapts a diagonal mass matrix)")
@@ -150,6 +160,11 @@ class _Built:
     sigma_names: dict[str, list[str]]
     # population parameters fixed by ``population`` (PPP&D): θ names, omega_<P>, sigma names
     population: dict[str, float] = field(default_factory=dict)
+    # centred = "auto": the centring weights λ (subjects × η) are the data "eta_lambda",
+    # set from the EBE before sampling (pkpd.ebe); ω at the start point
+    auto_centring: bool = False
+    omega_start: np.ndarray | None = None
+    centring: object = None  # pkpd.ebe.EBE, once computed
 
 
 def _default_prior(model: Model, name: str, prior_sd: float) -> Prior:
@@ -244,8 +259,8 @@ def _centred(centred: bool | Sequence[str], eta_names: list[str], iiv: str,
     if isinstance(centred, bool):
         return set(eta_names) if centred else set()
     if isinstance(centred, str):
-        raise FitSpecError(f"{where}: centred: expected true/false or a list of parameter "
-                           f"names, got {centred!r}")
+        raise FitSpecError(f"{where}: centred: expected true/false, 'auto' or a list of "
+                           f"parameter names, got {centred!r}")
     cen = set(centred)
     unknown = sorted(cen - set(eta_names))
     if unknown:
@@ -343,9 +358,14 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
     for o in obs.values():
         o["pos"] = np.array([pos[r] for r in o["rows"]])
     S = pred.n_subjects
+    auto = isinstance(centred, str) and centred == "auto"
+    if auto and iiv != "diagonal" and len(eta_names) > 1:
+        raise FitSpecError(f"{where}: centred: 'auto' (partial centring) needs iiv = "
+                           f"'diagonal', got {iiv!r}")
     lam = (_centring(centred, eta_names, S, iiv, where) if isinstance(centred, Mapping)
-           else None)
+           else np.zeros((S, len(eta_names))) if auto else None)
     cen = _centred(centred, eta_names, iiv, where) if lam is None else set()
+    omega_start = None
     coords = {"subject": pred.subject_ids, "eta_param": eta_names}
     initial: dict[str, np.ndarray] = {}
     sigma_names: dict[str, list[str]] = {}
@@ -395,7 +415,10 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                     "omega_chol", n=K, eta=2.0, sd_dist=pm.HalfNormal.dist(scale, shape=K),
                     compute_corr=True)
                 om = pm.Deterministic("omega", stds, dims="eta_param")
+            omega_start = np.array([pop.omega.get(k, start[j]) for j, k in enumerate(eta_names)])
             if lam is not None:  # partial centring: u ~ N(0, ω^λ), η = u·ω^(1-λ)
+                if auto:  # replaced before sampling (nutpie's with_data), no recompilation
+                    lam = pm.Data("eta_lambda", lam, dims=("subject", "eta_param"))
                 u = pm.Normal("eta_u", 0.0, om ** lam, dims=("subject", "eta_param"))
                 initial["eta_u"] = np.zeros((S, K))
                 e = pm.Deterministic("eta", u * om ** (1.0 - lam), dims=("subject", "eta_param"))
@@ -480,7 +503,8 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
             else:
                 cls(name, **kw, observed=dv, dims=f"{name}_dim")
     return _Built(pmm, pred, list(endpoints), estimated, eta_names, fixed, obs, initial,
-                  sigma_names, population=pop.names())
+                  sigma_names, population=pop.names(), auto_centring=auto and bool(eta_names),
+                  omega_start=omega_start)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -492,8 +516,8 @@ def _engine(b: _Built, s: Sampler) -> Sampler:
         return s
     from .likelihood import LinearPredictor
 
-    return dataclasses.replace(s, engine="nutpie" if isinstance(b.predictor, LinearPredictor)
-                               else "pymc")
+    return dataclasses.replace(s, engine="nutpie" if s.backend == "jax" or isinstance(
+        b.predictor, LinearPredictor) else "pymc")
 
 
 def _sample(b: _Built, s: Sampler):
@@ -509,7 +533,7 @@ def _sample(b: _Built, s: Sampler):
                           "matrix)", stacklevel=3)
             s = dataclasses.replace(s, engine="pymc", mass_matrix="diagonal")
     if s.engine == "nutpie":
-        return sample_nutpie(compile_nutpie(b, s.seed), s)
+        return sample_nutpie(compile_nutpie(b, s.seed, backend=s.backend), s)
     with b.pm_model:
         inits = []
         for _ in range(s.chains):
@@ -526,21 +550,89 @@ def _sample(b: _Built, s: Sampler):
                          compute_convergence_checks=False)
 
 
-def compile_nutpie(b: _Built, seed: int = 1):
-    """nutpie's compiled model whose chains start at the model file's values (η = 0) plus a
-    uniform ±0.1 jitter on the unconstrained scale (different per chain)."""
+def compile_nutpie(b: _Built, seed: int = 1, backend: str = "numba"):
+    """nutpie's compiled model (``backend`` "numba" or "jax") whose chains start at the model
+    file's values (η = 0) plus a uniform ±0.1 jitter on the unconstrained scale (different
+    per chain). With ``centred="auto"`` the centring weights come from the EBE (:mod:`pkpd.ebe`) and
+    the chains start there."""
     import nutpie
 
-    compiled = nutpie.compile_pymc_model(b.pm_model, initial_points=b.initial,
-                                         jitter_rvs=set())
-    base_fn = compiled.initial_point_func
+    if backend == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        # not frozen when λ is data to be replaced (PyMC's freeze_dims_and_data also breaks
+        # the graph of a data-dependent σ: "shape error")
+        compiled = nutpie.compile_pymc_model(b.pm_model, initial_points=b.initial,
+                                             jitter_rvs=set(), backend="jax",
+                                             gradient_backend="jax",
+                                             freeze_model=not b.auto_centring)
+        start_fn = compiled._make_initial_points
+    else:
+        compiled = nutpie.compile_pymc_model(b.pm_model, initial_points=b.initial,
+                                             jitter_rvs=set())
+        start_fn = compiled.initial_point_func
+    x_start = None
+    if b.auto_centring:
+        compiled, x_start = _auto_centring(b, compiled, backend, np.asarray(start_fn(0)))
 
     def jittered(chain_seed):
-        x = np.asarray(base_fn(chain_seed), dtype=float)
+        x = np.asarray(start_fn(chain_seed) if x_start is None else x_start, dtype=float)
         r = np.random.default_rng([int(np.asarray(chain_seed).ravel()[0]) % 2**32, seed])
         return x + r.uniform(-_JITTER, _JITTER, x.shape)
 
+    if backend == "jax":
+        return dataclasses.replace(compiled, _make_initial_points=jittered)
     return dataclasses.replace(compiled, initial_point_func=jittered)
+
+
+def _flat_block(pm_model, name: str) -> slice:
+    """Where value variable ``name`` sits in nutpie's flat vector (free RVs in order; a model
+    nutpie freezes, as its JAX build does unless λ is data, has them in another order)."""
+    ip = pm_model.initial_point()
+    at = 0
+    for rv in pm_model.free_RVs:
+        v = pm_model.rvs_to_values[rv].name
+        n = int(np.size(ip[v]))
+        if v == name:
+            return slice(at, at + n)
+        at += n
+    raise KeyError(name)
+
+
+def _auto_centring(b: _Built, compiled, backend: str, x0: np.ndarray):
+    """EBE of every subject's η at the start point; sets the centring weights λ = 1 − r²
+    (r = Laplace SD / ω) as the data ``eta_lambda`` and returns the start point at the EBE."""
+    from .ebe import ebe
+
+    S, K = len(b.predictor.subject_ids), len(b.iiv)
+    block = _flat_block(b.pm_model, "eta_u")
+    if backend == "jax":
+        fn = compiled._make_logp_func()
+
+        def logp_grad(x):
+            v, g = fn(x, **compiled._shared_data)
+            return float(v), np.asarray(g, dtype=float)
+    else:
+        f = b.pm_model.logp_dlogp_function(ravel_inputs=True)
+        f.set_extra_values({})
+
+        def logp_grad(x):
+            v, g = f(x)
+            return float(v), np.asarray(g, dtype=float)
+
+    lam0 = np.zeros((S, K))  # the graph's λ at compilation
+    t = time.perf_counter()
+    res = ebe(logp_grad, x0, block, b.omega_start, lam0)
+    print(f"EBE: {res.iterations} Newton steps, {res.gradients} gradients, "
+          f"{time.perf_counter() - t:.1f} s; centring λ (median by parameter): "
+          + ", ".join(f"{k} {np.median(res.lam[:, j]):.2f}" for j, k in enumerate(b.iiv)),
+          file=sys.stderr, flush=True)
+    b.centring = res
+    compiled = compiled.with_data(eta_lambda=res.lam)
+    x = np.array(x0, dtype=float)
+    x[block] = (res.eta / b.omega_start[None, :] ** (1.0 - res.lam)).ravel()
+    return compiled, x
 
 
 def sample_nutpie(compiled, s: Sampler):
@@ -729,21 +821,25 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         endpoints: Sequence[Endpoint] | None = None, *,
         priors: Mapping[str, Prior] | None = None,
         omega_scale: Mapping[str, float] | None = None, iiv: str = "diagonal",
-        prior_sd: float = 1.0, centred: bool | Sequence[str] = False, chains: int = 4,
-        draws: int = 1000,
+        prior_sd: float = 1.0, centred: bool | str | Sequence[str] | Mapping = False,
+        chains: int = 4, draws: int = 1000,
         tune: int = 1000,
         seed: int = 1, target_accept: float = 0.8, engine: str = "auto",
         cores: int | None = None, progress: bool = True, posterior_predictive: bool = True,
         where: str = "fit", individual: pd.DataFrame | str | os.PathLike | None = None,
         population: Mapping[str, float] | str | os.PathLike | None = None,
-        likelihood: str = "auto", mass_matrix: str = "diagonal") -> FitResult:
+        likelihood: str = "auto", mass_matrix: str = "diagonal",
+        backend: str = "numba") -> FitResult:
     """Fit a population model to a NONMEM data set; returns a :class:`FitResult`.
 
     ``endpoints`` default: the model's first output, proportional error, all observations.
     ``centred`` samples η directly instead of the non-centred z (η = L·z); prefer it when
     every subject has rich data (then the non-centred form can diverge and its trees grow
     long). True for all parameters with IIV, or a list of names (diagonal IIV), e.g. the
-    M-spike parameters of a joint fit whose PK samples are sparse.
+    M-spike parameters of a joint fit whose PK samples are sparse. "auto": partial centring
+    per subject and parameter from the empirical Bayes estimates at the start point, where
+    the chains then start (:mod:`pkpd.ebe`; nutpie). A mapping name → λ (one or one per
+    subject) sets the centring weights directly (λ = 1 centred, 0 non-centred).
     ``individual``: parameters fixed per subject (IPP), a table (ID and parameter columns), a
     CSV of one, or a fit folder (its ``individual.csv``); see :func:`read_individual`.
     ``population``: population parameters fixed (PPP&D), name → value (θ by parameter name,
@@ -754,13 +850,14 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
     "periodic" (the periodic graph of :mod:`pkpd.periodic_likelihood`, for PK-driven models
     under regular dosing) or "sensitivity"; see :func:`pkpd.sensitivity.predictor`.
     ``mass_matrix``: "diagonal" or "low-rank" (nutpie only; see :class:`Sampler`).
+    ``backend``: nutpie's "numba" or "jax" (see :class:`Sampler`).
     """
     model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     ds = read_nonmem(data) if isinstance(data, (str, os.PathLike)) else (
         data if isinstance(data, Dataset) else from_frame(data))
     endpoints = list(endpoints or [Endpoint(next(iter(model.outputs)))])
     sampler = Sampler(chains, draws, tune, seed, target_accept, engine, cores, progress,
-                      mass_matrix)
+                      mass_matrix, backend)
     label = f"{where}: sampler" if where != "fit" else "sampler"
     sampler.check(label)
     started = time.perf_counter()
@@ -773,6 +870,12 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
               population=population, likelihood=likelihood)
     sampler = _engine(b, sampler)
     sampler.check(label)  # again with the engine resolved (e.g. low-rank needs nutpie)
+    if b.auto_centring and sampler.engine != "nutpie":
+        raise FitSpecError(f"{where}: centred 'auto' needs engine 'nutpie' (got "
+                           f"{sampler.engine!r})")
+    if sampler.backend == "jax" and any(o["cens"].any() for o in b.obs.values()):
+        raise FitSpecError(f"{label}.backend: 'jax' cannot fit BLQ records (M3): PyTensor's "
+                           "JAX backend has no erfcx; use backend 'numba'")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         idata = _sample(b, sampler)
@@ -1168,19 +1271,20 @@ class FitSpec:
     omega_scale: dict[str, float]
     iiv: str
     prior_sd: float
-    centred: bool | tuple[str, ...]
+    centred: bool | str | tuple[str, ...]
     sampler: Sampler
     output: Path
     text: str
     individual: pd.DataFrame | None = None
     population: PopulationValues | None = None
+    likelihood: str = "auto"
 
 
 _SPEC_KEYS = {"fit": {"name", "model", "data", "iiv", "prior_sd", "output",
-                     "parameterization", "individual", "population"},
+                     "parameterization", "individual", "population", "likelihood"},
               "endpoints": {"output", "error", "dvid", "sigma_add", "sigma_prop"},
               "sampler": {"chains", "draws", "tune", "seed", "target_accept", "engine",
-                          "cores", "progress", "mass_matrix"},
+                          "cores", "progress", "mass_matrix", "backend"},
               "priors": None}
 
 
@@ -1194,7 +1298,9 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         data = "data/x.csv"          # NONMEM CSV, relative to the spec
         iiv = "diagonal"             # or "block" (LKJ)
         parameterization = "noncentred"   # or "centred" (rich individual data), or the
-                                          # parameters to centre, e.g. ["KG", "KKILL"]
+                                          # parameters to centre, e.g. ["KG", "KKILL"], or
+                                          # "auto" (per subject, from the EBE; nutpie)
+        likelihood = "auto"               # or "periodic", "sensitivity" (nonlinear models)
         individual = "selinexor_poppk"    # optional (IPP): parameters fixed per subject, a
                                           # fit folder (its individual.csv) or a CSV
         population = "selinexor_poppk"    # optional (PPP&D): θ, ω and residual errors fixed
@@ -1217,6 +1323,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         target_accept = 0.8
         engine = "auto"                   # nutpie (closed form) or pymc (nonlinear)
         mass_matrix = "diagonal"          # or "low-rank" (nutpie)
+        backend = "numba"                 # nutpie's; or "jax" (pip install pkpd[jax])
 
     BLQ records: a ``CENS`` column (1 = below LLOQ, DV = LLOQ) or ``BLQ``/``BLOQ`` with
     ``LLOQ``; they enter by the M3 method.
@@ -1307,7 +1414,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         raise FitSpecError(f"{where}: [fit] iiv: expected 'diagonal' or 'block', got {iiv!r}")
     param = f.get("parameterization", "noncentred")
     if isinstance(param, list) and all(isinstance(k, str) for k in param):
-        centred: bool | tuple[str, ...] = tuple(param)
+        centred: bool | str | tuple[str, ...] = tuple(param)
         unknown = sorted(k for k in param if k not in model.parameters
                          or model.parameters[k].omega2 <= 0)
         if unknown:
@@ -1315,9 +1422,16 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
                                f"parameter of {model.name} with IIV")
     elif param in ("noncentred", "centred"):
         centred = param == "centred"
+    elif param == "auto":
+        centred = "auto"
     else:
         raise FitSpecError(f"{where}: [fit] parameterization: expected 'noncentred', "
-                           f"'centred' or a list of the parameters to centre, got {param!r}")
+                           f"'centred', 'auto' or a list of the parameters to centre, got "
+                           f"{param!r}")
+    likelihood = f.get("likelihood", "auto")
+    if likelihood not in ("auto", "periodic", "sensitivity"):
+        raise FitSpecError(f"{where}: [fit] likelihood: expected 'auto', 'periodic' or "
+                           f"'sensitivity', got {likelihood!r}")
     prior_sd = f.get("prior_sd", 1.0)
     if not (isinstance(prior_sd, (int, float)) and prior_sd > 0):
         raise FitSpecError(f"{where}: [fit] prior_sd: expected a number > 0")
@@ -1349,7 +1463,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
                           where)
     return FitSpec(path, f["name"], model, data, endpoints, priors, omega_scale, iiv,
                    float(prior_sd), centred, sampler, out, text, individual,
-                   population)
+                   population, likelihood)
 
 
 def _parse_prior(where: str, k: str, v: object, model: Model) -> Prior:
@@ -1385,7 +1499,8 @@ def fit_spec(spec: FitSpec | str | os.PathLike, *, progress: bool = True,
               centred=spec.centred, chains=s.chains, draws=s.draws, tune=s.tune, seed=s.seed,
               target_accept=s.target_accept, engine=s.engine, cores=s.cores,
               progress=s.progress, where=str(spec.path), individual=spec.individual,
-              population=spec.population, mass_matrix=s.mass_matrix)
+              population=spec.population, mass_matrix=s.mass_matrix, backend=s.backend,
+              likelihood=spec.likelihood)
     if write:
         res.save(spec.output, spec_text=spec.text)
     return res

@@ -302,3 +302,90 @@ def test_low_rank_mass_matrix_gives_the_same_posterior(cli_fit, tmp_path):
     se = 1.25 * sd * np.sqrt(1 / a["ess_bulk"] + 1 / b["ess_bulk"])
     z = ((a["median"] - b["median"]).abs() / se).dropna()
     assert len(z) >= 5 and z.max() < 4, z.sort_values().tail(3)
+
+
+@pytest.mark.slow
+def test_auto_centring_gives_the_same_posterior(cli_fit, tmp_path):
+    """``parameterization = "auto"`` (λ per subject and parameter from the EBE, chains started
+    there) samples the same posterior as the non-centred ``cli_fit``: medians within 4 Monte
+    Carlo SEs of the difference (as above); the EBE's λ are in [0, 1] and the rich-data
+    parameters (CL, V: 7 samples each) are mostly centred."""
+    from pkpd.fitting import fit_spec, load_spec
+
+    spec = cli_fit.parent / "small.toml"
+    auto = tmp_path / "auto.toml"
+    auto.write_text(spec.read_text().replace('name = "small"', 'name = "auto"\n'
+                                             'parameterization = "auto"'))
+    (tmp_path / "data.csv").write_text((cli_fit.parent / "data.csv").read_text())
+    s = load_spec(auto)
+    assert s.centred == "auto"
+    res = fit_spec(s, progress=False, write=False)
+    c = res.built.centring
+    names = res.built.iiv
+    assert c.converged and c.lam.shape == (30, len(names))
+    assert np.all((c.lam >= 0) & (c.lam <= 1))
+    assert np.median(c.lam[:, names.index("CL")]) > 0.5
+    d = res.diagnostics()
+    assert d["divergences"] == 0
+    a = pd.read_csv(cli_fit / "summary.csv").set_index("parameter")
+    b = res.summary().set_index("parameter")
+    sd = (a["q97.5"] - a["q2.5"]) / 3.92
+    se = 1.25 * sd * np.sqrt(1 / a["ess_bulk"] + 1 / b["ess_bulk"])
+    z = ((a["median"] - b["median"]).abs() / se).dropna()
+    assert len(z) >= 5 and z.max() < 4, z.sort_values().tail(3)
+
+
+@pytest.mark.parametrize("fit_extra, sampler_extra, key", [
+    ('parameterization = "partly"', "", "[fit] parameterization"),
+    ('likelihood = "fast"', "", "[fit] likelihood"),
+    ("", 'backend = "cuda"', "[sampler].backend"),
+    ("", 'engine = "pymc"\nbackend = "jax"', "[sampler].backend"),
+])
+def test_bad_parameterization_likelihood_backend(tmp_path, fit_extra, sampler_extra, key):
+    from pkpd.fitting import FitSpecError, load_spec
+
+    spec = _spec(tmp_path, data=_data(3))
+    spec.write_text(spec.read_text().replace('data = "data.csv"',
+                                             f'data = "data.csv"\n{fit_extra}')
+                    + sampler_extra + "\n")
+    with pytest.raises(FitSpecError) as err:
+        load_spec(spec)
+    assert str(spec) in str(err.value) and key in str(err.value)
+
+
+@pytest.mark.slow
+def test_jax_backend_has_the_same_log_density_and_samples_it():
+    """nutpie's JAX backend (``backend = "jax"``): log density and gradient equal PyTensor's
+    C build at random points (1e-10), also with ``centred="auto"`` (λ replaced as data); a
+    short fit puts the population CL within 3 posterior SDs of the truth. BLQ records are
+    refused before sampling (PyTensor's JAX backend has no erfcx for the M3 likelihood)."""
+    from pkpd.fitting import Endpoint, FitSpecError, build, compile_nutpie, fit
+
+    m, df = load_model("pk_1cmt_oral"), _data(12).drop(columns="CENS")
+    for centred in (False, "auto"):
+        b = build(m, df, [Endpoint("CP")], centred=centred)
+        c = compile_nutpie(b, backend="jax")
+        pmm = b.pm_model
+        if centred == "auto":  # the reference at the λ the EBE chose
+            pmm.set_data("eta_lambda", b.centring.lam)
+        else:  # nutpie's JAX build freezes the model, which reorders its variables
+            from pymc.model.transform.optimization import freeze_dims_and_data
+
+            pmm = freeze_dims_and_data(pmm)
+        ref = pmm.logp_dlogp_function(ravel_inputs=True)
+        ref.set_extra_values({})
+        f = c._make_logp_func()
+        rng = np.random.default_rng(0)
+        x0 = np.asarray(c._make_initial_points(0))
+        for _ in range(3):
+            x = x0 + 0.05 * rng.standard_normal(x0.shape)
+            v, g = f(x, **c._shared_data)
+            v_ref, g_ref = ref(x)
+            assert v == pytest.approx(float(v_ref), rel=1e-10)
+            np.testing.assert_allclose(g, g_ref, rtol=1e-8, atol=1e-8)
+    res = fit(m, df, backend="jax", chains=2, draws=150, tune=150, progress=False,
+              posterior_predictive=False)
+    cl = res.idata.posterior["CL"].values.ravel()
+    assert abs(np.median(cl) - TRUTH["CL"]) < 3 * cl.std()
+    with pytest.raises(FitSpecError, match="backend: 'jax' cannot fit BLQ records"):
+        fit(m, _data(12), backend="jax", chains=1, draws=10, tune=10, progress=False)
