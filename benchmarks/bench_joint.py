@@ -21,8 +21,14 @@ the same spec is measured too: build, compilation and gradient with PyTensor's C
 if JAX is installed, its JAX backend (``--periodic-only``: just that, assuming 50 leapfrog
 steps per iteration).
 
+``--run`` times the whole ``pkpd fit`` of fits/selinexor_smm_joint_net.toml (the net-rate
+model, periodic likelihood with JAX, partial centring from the EBE, 2 × (500 + 500)): the
+benchmark's number, with its diagnostics, written to results/bench_joint_run.json and the
+fit's folder fits/selinexor_smm_joint_net/.
+
     python benchmarks/bench_joint.py [--probe 30] [--out benchmarks/results/bench_joint.json]
     python benchmarks/bench_joint.py --periodic-only
+    python benchmarks/bench_joint.py --run
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pkpd._io import atomic_write_text
 from pkpd.fitting import build, fit, fit_spec, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,15 +151,45 @@ def _measure_periodic(spec, steps_per_iteration: float) -> dict:
     return res
 
 
+def _run(path: Path, load: float) -> dict:
+    """The whole ``pkpd fit`` of ``path``: build, compile, EBE, sampling (timed as the fit's
+    wall time), then posterior predictive, tables and plots (timed apart)."""
+    from machine import describe
+
+    spec = load_spec(path)
+    t = time.perf_counter()
+    res = fit_spec(spec, progress=True, write=False)
+    t_fit = time.perf_counter() - t
+    res.save(spec.output, spec_text=spec.text)
+    t_all = time.perf_counter() - t
+    d = res.diagnostics()
+    truth = json.loads((ROOT / "fits" / "data" / "selinexor_smm_joint_truth.json").read_text())
+    summ = res.summary().set_index("parameter")
+    post = {k: round(float(summ.loc[k, "median"]), 6) for k in summ.index
+            if not k.startswith("eta")}
+    return {"spec": str(path.relative_to(ROOT)), "machine": describe(),
+            "load_average_at_start": round(load, 2), "target_s": 600,
+            "fit_wall_s": round(res.wall_time, 1), "fit_and_predictive_s": round(t_fit, 1),
+            "with_tables_and_plots_s": round(t_all, 1), "diagnostics": d,
+            "posterior_medians": post, "truth": truth["theta"],
+            "truth_omega_sd": truth["omega_sd"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--probe", type=int, default=30)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_joint.json"))
     ap.add_argument("--periodic-only", action="store_true",
                     help="measure only the periodic likelihood (steps per iteration: 50)")
+    ap.add_argument("--run", action="store_true",
+                    help="time the whole fit of fits/selinexor_smm_joint_net.toml")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     load = os.getloadavg()[0]
+    if args.run:
+        _write(_run(ROOT / "fits" / "selinexor_smm_joint_net.toml", load),
+               Path(args.out).with_name("bench_joint_run.json"))
+        return
     spec = load_spec(ROOT / "fits" / "selinexor_smm_joint.toml")
     if args.periodic_only:
         result = {"n_patients": 60, "weeks": 104, "load_average_at_start": round(load, 2),
@@ -182,9 +219,7 @@ def main() -> None:
 def _write(result: dict, out: Path) -> None:
     print(json.dumps(result, indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

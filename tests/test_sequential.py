@@ -136,3 +136,25 @@ def test_pppd_spec_fixes_the_population_pk_and_keeps_the_pk_data(tmp_path):
     assert all(k not in names for k in ("CL", "V2", "KA", "sigma_prop_CP"))
     assert all(k in names for k in ("KKILL", "FRES", "sigma_prop_MSPIKE"))
     assert set(b.predictor.vary) >= {"CL", "V2", "KA", "KKILL"}  # PK η re-estimated
+
+
+def test_joint_net_spec_builds_the_periodic_auto_centred_model():
+    """fits/selinexor_smm_joint_net.toml (benchmark c): the net-rate model with the periodic
+    likelihood, partial centring from the EBE (λ as data), JAX and the low-rank mass matrix;
+    η for CL, KG and KNET only (V2 and KA without IIV)."""
+    from pathlib import Path
+
+    from pkpd.fitting import load_spec
+    from pkpd.periodic_likelihood import PeriodicPredictor
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "fits" /
+                     "selinexor_smm_joint_net.toml")
+    assert (spec.likelihood, spec.centred) == ("periodic", "auto")
+    assert (spec.sampler.backend, spec.sampler.mass_matrix) == ("jax", "low-rank")
+    b = build(spec.model, spec.data, spec.endpoints, priors=spec.priors,
+              omega_scale=spec.omega_scale, iiv=spec.iiv, centred=spec.centred,
+              likelihood=spec.likelihood)
+    assert isinstance(b.predictor, PeriodicPredictor)
+    assert b.iiv == ["CL", "KG", "KNET"] and b.auto_centring
+    assert b.pm_model["eta_lambda"].get_value().shape == (60, 3)
+    np.testing.assert_allclose(b.omega_start, [0.2077, 0.8326, 0.8326], rtol=1e-3)
