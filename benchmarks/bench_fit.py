@@ -13,7 +13,8 @@ Reports wall time of model build + compilation + sampling (posterior predictive,
 and tables are timed apart), divergences, max R-hat, min ESS, and truth coverage.
 
     python benchmarks/bench_fit.py [--n 100] [--chains 4] [--draws 1000] [--tune 1000]
-                                   [--parameterization centred|noncentred] [--target-accept 0.8]
+                                   [--parameterization centred|noncentred|auto]
+                                   [--target-accept 0.8]
 
 Parameter recovery (issue 4 acceptance): ``--recovery 20`` simulates 20 replicates of a sparse
 popPK design (pk_1cmt_oral, 40 subjects, 100 mg once, 4 random samples of 0.5-24 h each,
@@ -115,8 +116,8 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=1000)
     ap.add_argument("--tune", type=int, default=1000)
     ap.add_argument("--target-accept", type=float, default=0.8)
-    ap.add_argument("--parameterization", default="centred",
-                    choices=["centred", "noncentred"])
+    ap.add_argument("--parameterization", default="auto",
+                    choices=["centred", "noncentred", "auto"])
     ap.add_argument("--engine", default="nutpie", choices=["nutpie", "pymc"])
     ap.add_argument("--ka", type=float, default=2.0, help="true KA (1/h)")
     args = ap.parse_args()
@@ -128,7 +129,8 @@ def main() -> None:
     model = load_model("pk_2cmt_oral").with_values(KA=args.ka)
     res = fit(model, df, [Endpoint("CP")], chains=args.chains, draws=args.draws,
               tune=args.tune, seed=1, target_accept=args.target_accept, engine=args.engine,
-              centred=args.parameterization == "centred", progress=False,
+              centred="auto" if args.parameterization == "auto"
+              else args.parameterization == "centred", progress=False,
               posterior_predictive=False)
     t_fit = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -607,22 +607,30 @@ def _auto_centring(b: _Built, compiled, backend: str, x0: np.ndarray):
 
     S, K = len(b.predictor.subject_ids), len(b.iiv)
     block = _flat_block(b.pm_model, "eta_u")
+    t = time.perf_counter()
     if backend == "jax":
         fn = compiled._make_logp_func()
 
         def logp_grad(x):
             v, g = fn(x, **compiled._shared_data)
             return float(v), np.asarray(g, dtype=float)
-    else:
-        f = b.pm_model.logp_dlogp_function(ravel_inputs=True)
-        f.set_extra_values({})
+    else:  # nutpie's compiled C callback (no second compilation)
+        import ctypes
+
+        cfunc = compiled.compiled_logp_func.ctypes
+        dbl = ctypes.POINTER(ctypes.c_double)
+        user = compiled.user_data.ctypes.data_as(ctypes.c_void_p)
 
         def logp_grad(x):
-            v, g = f(x)
-            return float(v), np.asarray(g, dtype=float)
+            x = np.ascontiguousarray(x, dtype=float)
+            g, v = np.empty_like(x), np.zeros(1)
+            rc = cfunc(x.size, x.ctypes.data_as(dbl), g.ctypes.data_as(dbl),
+                       v.ctypes.data_as(dbl), user)
+            if rc not in (0, 3, 4):  # 3, 4: not finite (returned as such)
+                raise RuntimeError(f"nutpie's log density failed (code {rc})")
+            return float(v[0]), g
 
     lam0 = np.zeros((S, K))  # the graph's λ at compilation
-    t = time.perf_counter()
     res = ebe(logp_grad, x0, block, b.omega_start, lam0)
     print(f"EBE: {res.iterations} Newton steps, {res.gradients} gradients, "
           f"{time.perf_counter() - t:.1f} s; centring λ (median by parameter): "
