@@ -165,7 +165,7 @@ def _run(path: Path, load: float) -> dict:
     d = res.diagnostics()
     truth = json.loads((ROOT / "fits" / "data" / "selinexor_smm_joint_truth.json").read_text())
     summ = res.summary().set_index("parameter")
-    post = {k: round(float(summ.loc[k, "median"]), 6) for k in summ.index
+    post = {k: float(f"{summ.loc[k, 'median']:.6g}") for k in summ.index
             if not k.startswith("eta")}
     return {"spec": str(path.relative_to(ROOT)), "machine": describe(),
             "load_average_at_start": round(load, 2), "target_s": 600,

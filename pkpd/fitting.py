@@ -4,6 +4,9 @@ Population model, for subject i and parameter P with IIV:
 
     P_i = TV_P(θ, covariates_i) · exp(η_iP),   η_i = L·z_i,  z_i ~ N(0, I)   (non-centred)
 
+or centred (η sampled directly), or partially centred per subject (u_iP ~ N(0, ω_P^λ),
+η_iP = u_iP·ω_P^(1−λ), λ_iP in [0, 1]; ``centred="auto"`` takes λ from the empirical Bayes
+estimates, :mod:`pkpd.ebe`).
 TV is the model file's ``[individual]`` expression (or θ_P). Ω = L·Lᵀ is diagonal (L = diag ω)
 or a full block with an LKJ(2) prior on the correlations (``iiv="block"``). Parameters with
 ω² = 0 in the model file have no IIV; ``fixed`` ones are not estimated.
@@ -638,6 +641,7 @@ def _auto_centring(b: _Built, compiled, backend: str, x0: np.ndarray):
           file=sys.stderr, flush=True)
     b.centring = res
     compiled = compiled.with_data(eta_lambda=res.lam)
+    b.pm_model.set_data("eta_lambda", res.lam)  # for predictive draws and the log-likelihood
     x = np.array(x0, dtype=float)
     x[block] = (res.eta / b.omega_start[None, :] ** (1.0 - res.lam)).ravel()
     return compiled, x
@@ -1576,16 +1580,27 @@ def _plot_gof(res: FitResult, table: pd.DataFrame, path=None):
 
 
 def _plot_pcvpc(res: FitResult, n_sim: int = 300, bins: int = 8, path=None):
-    """Prediction-corrected VPC (Bergstrand et al. 2011) for the first endpoint."""
+    """Prediction-corrected VPC (Bergstrand et al. 2011), one panel per endpoint."""
     import matplotlib.pyplot as plt
 
     b = res.built
-    ep = b.endpoints[0]
-    o = b.obs[ep.label]
     sims = res._simulate(n_sim)
-    y_sim = sims["y"][ep.label]
     med = {k: float(np.median(res._draws(k))) for k in b.estimated}
-    pred = res._predict(res._individual({**b.fixed, **med}, None))[ep.output][o["pos"]]
+    typical = res._predict(res._individual({**b.fixed, **med}, None))
+    n = len(b.endpoints)
+    fig, axes = plt.subplots(1, n, figsize=(8 if n == 1 else 6.5 * n, 5.5), squeeze=False)
+    for ax, ep in zip(axes[0], b.endpoints, strict=True):
+        o = b.obs[ep.label]
+        _pcvpc_panel(ax, res, ep, o, sims["y"][ep.label], typical[ep.output][o["pos"]],
+                     n_sim, bins)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def _pcvpc_panel(ax, res: FitResult, ep: Endpoint, o: dict, y_sim: np.ndarray,
+                 pred: np.ndarray, n_sim: int, bins: int) -> None:
     t = res.dataset.data["TIME"].to_numpy()[o["rows"]]
     keep = ~o["cens"]
     edges = np.unique(np.quantile(t, np.linspace(0, 1, bins + 1)))
@@ -1609,7 +1624,6 @@ def _plot_pcvpc(res: FitResult, n_sim: int = 300, bins: int = 8, path=None):
     mid = np.array(mid)
     obs_q = np.array(obs_q)
     sim_q = np.array(sim_q)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.plot(t[keep], dv_pc[keep], ".", color="0.6", ms=3, label="observed (pc)")
     colors = ("tab:blue", "tab:red", "tab:blue")
     for p in range(3):
@@ -1621,12 +1635,8 @@ def _plot_pcvpc(res: FitResult, n_sim: int = 300, bins: int = 8, path=None):
     ax.set_yscale("log")
     ax.set_xlabel(f"time ({res.model.time_unit})")
     ax.set_ylabel(f"prediction-corrected {ep.output}{_unit(res, ep.output)}")
-    ax.set_title(f"pcVPC ({n_sim} simulated replicates, {len(mid)} bins)")
+    ax.set_title(f"pcVPC of {ep.label} ({n_sim} simulated replicates, {len(mid)} bins)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
 
 
 def _plot_individual(res: FitResult, n: int = 12, path=None):
