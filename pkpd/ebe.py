@@ -73,9 +73,11 @@ def ebe(logp_grad: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndar
             if np.isfinite(fn) and fn >= f - 1e-9 * abs(f):
                 break
             t *= 0.5
-            if t < 1e-3:
-                fn, gn, xn = f, g, x
+            if t < 1e-3:  # no step improves the density: stop where we are
                 break
+        if t < 1e-3:
+            converged = bool(np.max(np.abs(g[block])) < tol)
+            break
         x, f, g = xn, fn, gn
         if np.max(np.abs(t * step)) < tol:
             converged = True

@@ -78,3 +78,15 @@ def test_partial_centring_is_the_same_posterior_up_to_the_jacobian():
         build(m, df, ep, centred={"VV": 1.0})
     with pytest.raises(FitSpecError, match="iiv = 'diagonal'"):
         build(m, df, ep, centred="auto", iiv="block")
+
+
+def test_ebe_stops_when_no_step_improves_the_density():
+    """A density that is −∞ off the start (with a non-zero gradient): the EBE stays at the
+    start, reports no convergence and does not spend its iterations retrying."""
+    def logp_grad(x):
+        return (0.0 if np.all(x == 0) else -np.inf), np.ones_like(x)
+
+    res = ebe(logp_grad, np.zeros(4), slice(0, 4), np.array([0.5, 0.5]), np.zeros((2, 2)))
+    assert not res.converged and res.iterations == 1
+    np.testing.assert_array_equal(res.eta, 0.0)
+    assert res.gradients < 20
