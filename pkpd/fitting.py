@@ -62,6 +62,7 @@ ERROR_MODELS = ("additive", "proportional", "combined", "lognormal")
 REPO_FITS = Path(__file__).resolve().parent.parent / "fits"  # example specs
 ENGINES = ("auto", "nutpie", "pymc")
 BACKENDS = ("numba", "jax")
+LIKELIHOODS = ("auto", "periodic", "sensitivity")
 MASS_MATRICES = ("diagonal", "low-rank")
 _JITTER = 0.1
 
@@ -344,7 +345,7 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
     out_rows: dict[str, list] = {}
     for ep, o in zip(endpoints, obs.values(), strict=True):
         out_rows.setdefault(ep.output, []).extend(o["rows"])
-    if likelihood not in ("auto", "periodic", "sensitivity"):
+    if likelihood not in LIKELIHOODS:
         raise FitSpecError(f"{where}: likelihood must be 'auto', 'periodic' or 'sensitivity', "
                            f"got {likelihood!r}")
     try:
@@ -361,12 +362,9 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
     for o in obs.values():
         o["pos"] = np.array([pos[r] for r in o["rows"]])
     S = pred.n_subjects
-    auto = isinstance(centred, str) and centred == "auto"
-    if auto and iiv != "diagonal" and len(eta_names) > 1:
-        raise FitSpecError(f"{where}: centred: 'auto' (partial centring) needs iiv = "
-                           f"'diagonal', got {iiv!r}")
-    lam = (_centring(centred, eta_names, S, iiv, where) if isinstance(centred, Mapping)
-           else np.zeros((S, len(eta_names))) if auto else None)
+    auto = isinstance(centred, str) and centred == "auto"  # λ from the EBE, later
+    lam = (_centring(centred if not auto else {}, eta_names, S, iiv, where)
+           if auto or isinstance(centred, Mapping) else None)
     cen = _centred(centred, eta_names, iiv, where) if lam is None else set()
     omega_start = None
     coords = {"subject": pred.subject_ids, "eta_param": eta_names}
@@ -1441,7 +1439,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
                            f"'centred', 'auto' or a list of the parameters to centre, got "
                            f"{param!r}")
     likelihood = f.get("likelihood", "auto")
-    if likelihood not in ("auto", "periodic", "sensitivity"):
+    if likelihood not in LIKELIHOODS:
         raise FitSpecError(f"{where}: [fit] likelihood: expected 'auto', 'periodic' or "
                            f"'sensitivity', got {likelihood!r}")
     prior_sd = f.get("prior_sd", 1.0)
