@@ -9,12 +9,13 @@ per η column gives every subject's Hessian block at once (differences of gradie
 The Laplace SD of η_iP at the mode, as a fraction r of ω_P, says how much subject i's data
 inform P: r ≈ 1 prior-dominated, r ≪ 1 data-dominated. The centring weight
 
-    λ_iP = 1 − r²,     u_iP ~ N(0, ω_P^λ),   η_iP = u_iP · ω_P^(1−λ)
+    λ_iP = 1 − r²,     u_iP ~ N(λ·m_iP, ω_P^λ),   η_iP = (u_iP − λ·m_iP) · ω_P^(1−λ)
 
-is the one that makes u a posteriori independent of ω in the normal-normal model
-(partially non-centred parameterisation: Papaspiliopoulos, Roberts & Sköld 2007, Stat Sci
-22:59; Gorinova, Moore & Hoffman 2020, ICML, "variationally inferred parameterisation"):
-λ = 1 is centred, λ = 0 non-centred. Chains then start at the EBE.
+(m the log typical individual value) is the one that makes u a posteriori independent of
+the population location and of ω in the normal-normal model (partially non-centred
+parameterisation: Papaspiliopoulos, Roberts & Sköld 2003, 2007, Stat Sci 22:59; Gorinova,
+Moore & Hoffman 2020, ICML, "variationally inferred parameterisation"): λ = 1 is centred
+(u is the individual log parameter), λ = 0 non-centred. Chains then start at the EBE.
 """
 
 from __future__ import annotations
@@ -40,17 +41,20 @@ class EBE:
 
 
 def ebe(logp_grad: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndarray,
-        block: slice, omega: np.ndarray, lam: np.ndarray, *, max_iter: int = 30,
-        tol: float = 1e-4, delta: float = 1e-5, max_step: float = 1.0) -> EBE:
+        block: slice, omega: np.ndarray, lam: np.ndarray, loc: np.ndarray | None = None, *,
+        max_iter: int = 30, tol: float = 1e-4, delta: float = 1e-5,
+        max_step: float = 1.0) -> EBE:
     """EBE of η by block-Newton on the flat log density ``logp_grad(x) → (value, gradient)``.
 
     ``x0`` is the flat unconstrained point (population at its start values); ``block`` the
-    slice of x holding u (subjects × K, C order) with η = u·ω^(1−λ) for the ``lam`` the
-    density was built with; ``omega`` (K,) the IIV SDs at x0. Steps are capped at
+    slice of x holding u (subjects × K, C order) with η = (u − λ·loc)·ω^(1−λ) for the
+    ``lam`` the density was built with (``loc``, subjects × K, default 0: m at x0);
+    ``omega`` (K,) the IIV SDs at x0. Steps are capped at
     ``max_step`` in u and halved while the log density does not improve.
     """
     S, K = lam.shape
-    scale = omega[None, :] ** (1.0 - lam)        # η = u·scale
+    scale = omega[None, :] ** (1.0 - lam)        # η = (u − shift)·scale
+    shift = 0.0 if loc is None else lam * loc
     x = np.array(x0, dtype=float)
     f, g = logp_grad(x)
     n_grad = 1
@@ -89,7 +93,7 @@ def ebe(logp_grad: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndar
     sd = sd_u * scale
     u = x[block].reshape(S, K)
     r = sd / omega[None, :]
-    return EBE(eta=u * scale, sd=sd, lam=np.clip(1.0 - r ** 2, 0.0, 1.0), iterations=n_it,
+    return EBE(eta=(u - shift) * scale, sd=sd, lam=np.clip(1.0 - r ** 2, 0.0, 1.0), iterations=n_it,
                converged=converged, gradients=n_grad)
 
 

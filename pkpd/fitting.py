@@ -169,6 +169,9 @@ class _Built:
     auto_centring: bool = False
     omega_start: np.ndarray | None = None
     centring: object = None  # pkpd.ebe.EBE, once computed
+    # partial centring also of the location: log |typical individual value| at the start
+    # point (subjects × η), so the start u = η/ω^(1−λ) + λ·loc_start
+    loc_start: np.ndarray | None = None
 
 
 def _default_prior(model: Model, name: str, prior_sd: float) -> Prior:
@@ -393,8 +396,15 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                 theta[k] = pm.Deterministic(k, lo + (hi - lo) * pt.sigmoid(z))
             else:
                 raise FitSpecError(f"{where}: priors.{k}: unknown distribution {p.dist!r}")
+        # typical individual values (covariate model, η = 0) ------------------------------
+        env = {sp.Symbol(k, real=True): v for k, v in theta.items()}
+        env.update({sp.Symbol(k, real=True): pt.as_tensor_variable(v)
+                    for k, v in pred.subject_covariates.items()})
+        tv = {k: (to_pytensor(model.individual[k], env) if k in model.individual else theta[k])
+              * pt.ones(S) for k in model.parameters if k not in per_subject}
         # IIV ---------------------------------------------------------------------------
         eta = {}
+        loc_start = None
         if eta_names:
             K = len(eta_names)
             scale = np.array([float((omega_scale or {}).get(
@@ -417,12 +427,20 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                     compute_corr=True)
                 om = pm.Deterministic("omega", stds, dims="eta_param")
             omega_start = np.array([pop.omega.get(k, start[j]) for j, k in enumerate(eta_names)])
-            if lam is not None:  # partial centring: u ~ N(0, ω^λ), η = u·ω^(1-λ)
+            if lam is not None:
+                # partial centring of location and scale (Papaspiliopoulos, Roberts & Sköld
+                # 2003; Gorinova et al. 2020): u ~ N(λ·m, ω^λ), η = (u − λ·m)·ω^(1−λ), with
+                # m = log |typical individual value|; λ = 1 samples the individual log
+                # parameter itself, λ = 0 the standard normal z
+                m = pt.stack([pt.log(pt.abs(tv[k])) for k in eta_names], axis=-1)  # (S, K)
+                typ0 = pred.individual_typical({k: float(v) for k, v in fixed.items()})
+                loc_start = np.stack([np.log(np.abs(typ0[k])) for k in eta_names], axis=-1)
+                initial["eta_u"] = lam * loc_start
                 if auto:  # replaced before sampling (nutpie's with_data), no recompilation
                     lam = pm.Data("eta_lambda", lam, dims=("subject", "eta_param"))
-                u = pm.Normal("eta_u", 0.0, om ** lam, dims=("subject", "eta_param"))
-                initial["eta_u"] = np.zeros((S, K))
-                e = pm.Deterministic("eta", u * om ** (1.0 - lam), dims=("subject", "eta_param"))
+                u = pm.Normal("eta_u", lam * m, om ** lam, dims=("subject", "eta_param"))
+                e = pm.Deterministic("eta", (u - lam * m) * om ** (1.0 - lam),
+                                     dims=("subject", "eta_param"))
             elif 0 < len(cen) < K:  # mixed: η of rich-data parameters direct, the rest via z
                 jc = [j for j, k in enumerate(eta_names) if k in cen]
                 jn = [j for j, k in enumerate(eta_names) if k not in cen]
@@ -451,17 +469,12 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                 pm.Deterministic(f"omega_{k}", om[j])
                 eta[k] = e[:, j]
         # individual parameters -------------------------------------------------------------
-        env = {sp.Symbol(k, real=True): v for k, v in theta.items()}
-        env.update({sp.Symbol(k, real=True): pt.as_tensor_variable(v)
-                    for k, v in pred.subject_covariates.items()})
         indiv = {}
         for k in model.parameters:
             if k in per_subject:
                 indiv[k] = pt.as_tensor_variable(pred.fixed_individual[k])
-                continue
-            tv = to_pytensor(model.individual[k], env) if k in model.individual else theta[k]
-            tv = tv * pt.ones(S)
-            indiv[k] = tv * pt.exp(eta[k]) if k in eta else tv
+            else:
+                indiv[k] = tv[k] * pt.exp(eta[k]) if k in eta else tv[k]
         outputs = pred.predict(indiv, outputs=sorted({ep.output for ep in endpoints}))
         # residual error -----------------------------------------------------------------
         def residual_sd(nm: str, scale: float, start: float):
@@ -505,7 +518,7 @@ def build(model: Model, data: Dataset | pd.DataFrame, endpoints: Sequence[Endpoi
                 cls(name, **kw, observed=dv, dims=f"{name}_dim")
     return _Built(pmm, pred, list(endpoints), estimated, eta_names, fixed, obs, initial,
                   sigma_names, population=pop.names(), auto_centring=auto and bool(eta_names),
-                  omega_start=omega_start)
+                  omega_start=omega_start, loc_start=loc_start)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -632,7 +645,7 @@ def _auto_centring(b: _Built, compiled, backend: str, x0: np.ndarray):
             return float(v[0]), g
 
     lam0 = np.zeros((S, K))  # the graph's λ at compilation
-    res = ebe(logp_grad, x0, block, b.omega_start, lam0)
+    res = ebe(logp_grad, x0, block, b.omega_start, lam0, b.loc_start)
     print(f"EBE: {res.iterations} Newton steps, {res.gradients} gradients, "
           f"{time.perf_counter() - t:.1f} s; centring λ (median by parameter): "
           + ", ".join(f"{k} {np.median(res.lam[:, j]):.2f}" for j, k in enumerate(b.iiv)),
@@ -641,7 +654,8 @@ def _auto_centring(b: _Built, compiled, backend: str, x0: np.ndarray):
     compiled = compiled.with_data(eta_lambda=res.lam)
     b.pm_model.set_data("eta_lambda", res.lam)  # for predictive draws and the log-likelihood
     x = np.array(x0, dtype=float)
-    x[block] = (res.eta / b.omega_start[None, :] ** (1.0 - res.lam)).ravel()
+    x[block] = (res.eta / b.omega_start[None, :] ** (1.0 - res.lam)
+                + res.lam * b.loc_start).ravel()
     return compiled, x
 
 

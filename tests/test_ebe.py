@@ -9,18 +9,19 @@ import pytest
 from pkpd.ebe import ebe
 
 
-def _normal_normal(n_obs, ybar, sigma, omega, lam0):
+def _normal_normal(n_obs, ybar, sigma, omega, lam0, loc):
     """Subjects × 2 parameters, y_ijk ~ N(η_ij, σ), η_ij ~ N(0, ω_j); flat x = [a, u]
-    with an unrelated population coordinate a, η = u·ω^(1−λ0)."""
+    with an unrelated population coordinate a, η = (u − λ0·loc)·ω^(1−λ0)."""
     S, K = ybar.shape
     scale = omega[None, :] ** (1 - lam0)
 
     def logp_grad(x):
         a, u = x[0], x[1:].reshape(S, K)
-        eta = u * scale
+        v = u - lam0 * loc
+        eta = v * scale
         lp = -0.5 * a ** 2 - 0.5 * np.sum(n_obs * (ybar - eta) ** 2 / sigma ** 2) \
-            - 0.5 * np.sum(u ** 2 / omega[None, :] ** (2 * lam0))
-        g_u = n_obs * (ybar - eta) / sigma ** 2 * scale - u / omega[None, :] ** (2 * lam0)
+            - 0.5 * np.sum(v ** 2 / omega[None, :] ** (2 * lam0))
+        g_u = n_obs * (ybar - eta) / sigma ** 2 * scale - v / omega[None, :] ** (2 * lam0)
         return lp, np.r_[-a, g_u.ravel()]
 
     return logp_grad
@@ -34,8 +35,9 @@ def test_ebe_is_the_conditional_mode_and_laplace_sd_of_the_normal_model():
     ybar = rng.normal(0, 1, (S, 2))
     sigma, omega = 0.5, np.array([0.8, 0.3])
     lam0 = rng.uniform(0, 1, (S, 2))
-    res = ebe(_normal_normal(n_obs, ybar, sigma, omega, lam0), np.r_[0.3, np.zeros(2 * S)],
-              slice(1, 1 + 2 * S), omega, lam0)
+    loc = rng.normal(-3, 2, (S, 2))  # location centring: u starts far from its mode
+    res = ebe(_normal_normal(n_obs, ybar, sigma, omega, lam0, loc),
+              np.r_[0.3, np.zeros(2 * S)], slice(1, 1 + 2 * S), omega, lam0, loc)
     prec = n_obs / sigma ** 2 + 1 / omega[None, :] ** 2
     np.testing.assert_allclose(res.eta, n_obs * ybar / sigma ** 2 / prec, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(res.sd, 1 / np.sqrt(prec), rtol=1e-4)
@@ -45,8 +47,9 @@ def test_ebe_is_the_conditional_mode_and_laplace_sd_of_the_normal_model():
 
 
 def test_partial_centring_is_the_same_posterior_up_to_the_jacobian():
-    """u ~ N(0, ω^λ), η = u·ω^(1−λ): against the non-centred z = η/ω the log density differs
-    by −λ·log ω per (subject, parameter) and η is the same."""
+    """u ~ N(λ·m, ω^λ), η = (u − λ·m)·ω^(1−λ) with m = log of the typical value (no
+    covariates here: log θ): against the non-centred z = η/ω the log density differs by
+    −λ·log ω per (subject, parameter) and η is the same."""
     from test_fit import _data
 
     from pkpd import load_model
@@ -66,7 +69,8 @@ def test_partial_centring_is_the_same_posterior_up_to_the_jacobian():
          for k, v in nc.initial_point().items()}
     om = np.exp(p["omega_log__"])
     q = {k: v for k, v in p.items() if k != "z"}
-    q["eta_u"] = p["z"] * om / om ** (1 - L)
+    loc = np.array([p[f"log_{k}"] for k in names])[None, :]
+    q["eta_u"] = p["z"] * om / om ** (1 - L) + L * loc
     lp_nc, lp_part = nc.compile_logp()(p), part.compile_logp()(q)
     assert lp_part == pytest.approx(lp_nc - np.sum(L * np.log(om)), rel=1e-10)
     (eta,) = part.replace_rvs_by_values([part["eta"]])

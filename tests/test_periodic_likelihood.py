@@ -71,10 +71,32 @@ def test_predictions_equal_the_ode_reference(trial, pred, fn):
     np.testing.assert_allclose(got["CP"], ref["CP"], rtol=1e-6, atol=1e-9)
     for k in ("XPO1_INH", "MSPIKE", "SFLC"):
         np.testing.assert_allclose(got[k], ref[k], rtol=0.01, err_msg=k)
+    # both ways of solving a chain link with a source are covered: M-protein (KELM·span
+    # ≈ 2) by the weighted prefix sum, sFLC (KELF·span ≈ 400) by the affine scan
+    st = pred.model.states
+    assert st.index("MPROT") in pred._weighted and st.index("FLC") not in pred._weighted
     # and not trivially: the drug moved the M-spike and XPO1 inhibition
     assert ref["XPO1_INH"].max() > 0.5
     base = trial.loc[trial["EVID"] == 0, "MSPIKE0"].to_numpy()
     assert np.abs(ref["MSPIKE"].to_numpy() / base - 1).max() > 0.01
+
+
+def test_fit_of_mspike_and_pk_uses_the_coarser_grid_within_tolerance(trial, pred):
+    """Observed M-spike and CP only (XPO1 binding enters only through its integrals): the
+    fine grid is twice as coarse and the M-spike still within 1e-3 of the reference; an
+    observed XPO1 output keeps the finer grid."""
+    ev0 = np.flatnonzero(trial["EVID"] == 0)
+    coarse = PeriodicPredictor(pred.model, trial, output_rows={"CP": ev0, "MSPIKE": ev0})
+    assert coarse.grid_scale == 2.0 and coarse._K < 0.6 * pred._K
+    theta = _individual(pred)
+    typ = pred.individual_typical()
+    eta = {k: np.log(theta[k] / typ[k]) for k in theta}
+    ref = simulate(pred.model, trial, eta=eta, method="ode")[trial["EVID"] == 0]
+    got = coarse.compile(["CP", "MSPIKE"], mode=MODE)(theta)
+    np.testing.assert_allclose(got["CP"], ref["CP"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got["MSPIKE"], ref["MSPIKE"], rtol=1e-3)
+    fine = PeriodicPredictor(pred.model, trial, output_rows={"XPO1_INH": ev0[:3]})
+    assert fine.grid_scale == 1.0
 
 
 def test_gradient_equals_finite_differences(pred):
