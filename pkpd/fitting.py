@@ -120,6 +120,11 @@ class Sampler:
     # nutpie's backend: "numba", or "jax" (needs jax: ``pip install pkpd[jax]``; compiles the
     # periodic likelihood's graph in seconds instead of minutes)
     backend: str = "numba"
+    # low-rank only: eigenvalues of the (diagonally scaled) posterior covariance between
+    # 1/cutoff and cutoff are left to the diagonal (nutpie's mass_matrix_eigval_cutoff, 100
+    # by default there); 3 also corrects correlations of ≈ 0.9-0.98, such as those of
+    # sparsely sampled PK parameters (V2 with KA, Q with V3)
+    low_rank_cutoff: float = 100.0
 
     def check(self, where: str = "sampler") -> None:
         for k in ("chains", "draws", "tune"):
@@ -143,6 +148,12 @@ class Sampler:
         if self.backend == "jax" and self.engine == "pymc":
             raise FitSpecError(f"{where}.backend: 'jax' is nutpie's backend; engine 'pymc' "
                                "compiles with PyTensor's C backend")
+        c = self.low_rank_cutoff
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 1:
+            raise FitSpecError(f"{where}.low_rank_cutoff: expected a number > 1, got {c!r}")
+        if c != 100.0 and self.mass_matrix != "low-rank":
+            raise FitSpecError(f"{where}.low_rank_cutoff: applies to mass_matrix = 'low-rank' "
+                               f"only (got mass_matrix {self.mass_matrix!r})")
         if self.mass_matrix == "low-rank" and self.engine == "pymc":
             raise FitSpecError(f"{where}.mass_matrix: 'low-rank' needs engine 'nutpie' (PyMC's "
                                "NUTS adapts a diagonal mass matrix)")
@@ -667,7 +678,9 @@ def sample_nutpie(compiled, s: Sampler):
                          target_accept=s.target_accept, progress_bar=s.progress,
                          cores=s.cores or min(s.chains, os.cpu_count() or 1),
                          save_warmup=False,
-                         low_rank_modified_mass_matrix=s.mass_matrix == "low-rank")
+                         **({"low_rank_modified_mass_matrix": True,
+                             "mass_matrix_eigval_cutoff": float(s.low_rank_cutoff)}
+                            if s.mass_matrix == "low-rank" else {}))
 
 
 def _check_individual(table: pd.DataFrame | None, model: Model, priors: Mapping[str, Prior],
@@ -853,7 +866,7 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         where: str = "fit", individual: pd.DataFrame | str | os.PathLike | None = None,
         population: Mapping[str, float] | str | os.PathLike | None = None,
         likelihood: str = "auto", mass_matrix: str = "diagonal",
-        backend: str = "numba") -> FitResult:
+        backend: str = "numba", low_rank_cutoff: float = 100.0) -> FitResult:
     """Fit a population model to a NONMEM data set; returns a :class:`FitResult`.
 
     ``endpoints`` default: the model's first output, proportional error, all observations.
@@ -873,7 +886,8 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
     ``likelihood``: "auto" (closed form for linear models, else compiled sensitivities),
     "periodic" (the periodic graph of :mod:`pkpd.periodic_likelihood`, for PK-driven models
     under regular dosing) or "sensitivity"; see :func:`pkpd.sensitivity.predictor`.
-    ``mass_matrix``: "diagonal" or "low-rank" (nutpie only; see :class:`Sampler`).
+    ``mass_matrix``: "diagonal" or "low-rank" (nutpie only; see :class:`Sampler`), with
+    ``low_rank_cutoff`` (see :class:`Sampler`).
     ``backend``: nutpie's "numba" or "jax" (see :class:`Sampler`).
     """
     model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
@@ -881,7 +895,7 @@ def fit(model: Model | str, data: Dataset | pd.DataFrame | str | os.PathLike,
         data if isinstance(data, Dataset) else from_frame(data))
     endpoints = list(endpoints or [Endpoint(next(iter(model.outputs)))])
     sampler = Sampler(chains, draws, tune, seed, target_accept, engine, cores, progress,
-                      mass_matrix, backend)
+                      mass_matrix, backend, low_rank_cutoff)
     label = f"{where}: sampler" if where != "fit" else "sampler"
     sampler.check(label)
     started = time.perf_counter()
@@ -971,6 +985,8 @@ class FitResult:
                "chains": self.sampler.chains, "draws": self.sampler.draws,
                "tune": self.sampler.tune, "engine": self.sampler.engine,
                "mass_matrix": self.sampler.mass_matrix,
+               **({"low_rank_cutoff": self.sampler.low_rank_cutoff}
+                  if self.sampler.mass_matrix == "low-rank" else {}),
                "wall_time_s": round(self.wall_time, 2), "warnings": list(self.warnings)}
         if self.built.population:  # PPP&D: what was fixed, not estimated
             out["fixed_population"] = dict(self.built.population)
@@ -1308,7 +1324,7 @@ _SPEC_KEYS = {"fit": {"name", "model", "data", "iiv", "prior_sd", "output",
                      "parameterization", "individual", "population", "likelihood"},
               "endpoints": {"output", "error", "dvid", "sigma_add", "sigma_prop"},
               "sampler": {"chains", "draws", "tune", "seed", "target_accept", "engine",
-                          "cores", "progress", "mass_matrix", "backend"},
+                          "cores", "progress", "mass_matrix", "backend", "low_rank_cutoff"},
               "priors": None}
 
 
@@ -1347,6 +1363,7 @@ def load_spec(path: str | os.PathLike) -> FitSpec:
         target_accept = 0.8
         engine = "auto"                   # nutpie (closed form) or pymc (nonlinear)
         mass_matrix = "diagonal"          # or "low-rank" (nutpie)
+        low_rank_cutoff = 100             # low-rank: eigenvalues kept outside [1/c, c]
         backend = "numba"                 # nutpie's; or "jax" (pip install pkpd[jax])
 
     BLQ records: a ``CENS`` column (1 = below LLOQ, DV = LLOQ) or ``BLQ``/``BLOQ`` with
@@ -1524,7 +1541,7 @@ def fit_spec(spec: FitSpec | str | os.PathLike, *, progress: bool = True,
               target_accept=s.target_accept, engine=s.engine, cores=s.cores,
               progress=s.progress, where=str(spec.path), individual=spec.individual,
               population=spec.population, mass_matrix=s.mass_matrix, backend=s.backend,
-              likelihood=spec.likelihood)
+              likelihood=spec.likelihood, low_rank_cutoff=s.low_rank_cutoff)
     if write:
         res.save(spec.output, spec_text=spec.text)
     return res

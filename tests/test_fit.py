@@ -91,6 +91,8 @@ def test_malformed_spec_fails_before_sampling(tmp_path, capsys, kwargs, key):
 @pytest.mark.parametrize("extra, key", [
     ('mass_matrix = "dense"', "[sampler].mass_matrix"),
     ('engine = "pymc"\nmass_matrix = "low-rank"', "[sampler].mass_matrix"),
+    ('mass_matrix = "low-rank"\nlow_rank_cutoff = 0.5', "[sampler].low_rank_cutoff"),
+    ('low_rank_cutoff = 3', "[sampler].low_rank_cutoff"),  # needs the low-rank matrix
 ])
 def test_bad_mass_matrix_fails_before_sampling(tmp_path, capsys, extra, key):
     spec = _spec(tmp_path, data=_data(3))

@@ -151,6 +151,7 @@ def test_joint_net_spec_builds_the_periodic_auto_centred_model():
                      "selinexor_smm_joint_net.toml")
     assert (spec.likelihood, spec.centred) == ("periodic", "auto")
     assert (spec.sampler.backend, spec.sampler.mass_matrix) == ("jax", "low-rank")
+    assert spec.sampler.low_rank_cutoff == 3
     b = build(spec.model, spec.data, spec.endpoints, priors=spec.priors,
               omega_scale=spec.omega_scale, iiv=spec.iiv, centred=spec.centred,
               likelihood=spec.likelihood)
