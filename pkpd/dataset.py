@@ -100,6 +100,37 @@ class Dataset:
         """Names of the non-standard columns, in order."""
         return [c for c in self.data.columns if c not in STANDARD]
 
+    def time_after_dose(self) -> np.ndarray:
+        """TAD (time units of TIME) at every record: TIME minus the nominal time of the
+        subject's latest dose (EVID 1/4, ADDL copies every II included, lag time not added).
+        A dose record at the same TIME counts for the records after it in the file (and for
+        itself: TAD 0), an ADDL copy at that time for every later record (NONMEM processes
+        it first); doses before a reset (EVID 3/4) do not count. NaN before the first dose."""
+        df = self.data
+        t = df["TIME"].to_numpy(dtype=float)
+        evid = df["EVID"].to_numpy(dtype=int)
+        ii = df["II"].to_numpy(dtype=float)
+        addl = df["ADDL"].to_numpy(dtype=float).astype(int)
+        ids = df["ID"].to_numpy()
+        out = np.full(len(df), np.nan)
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        for a, b in zip(starts, np.r_[starts[1:], len(df)], strict=True):
+            r = np.arange(a, b)
+            epoch = np.cumsum(np.isin(evid[r], (3, 4)))  # a record's reset count (incl. own)
+            d = r[np.isin(evid[r], (1, 4))]
+            if not len(d):
+                continue
+            k = [np.arange(max(int(addl[j]), 0) + 1) if ii[j] > 0 else np.zeros(1, int)
+                 for j in d]
+            rec = np.repeat(d, [len(x) for x in k])
+            td = t[rec] + np.concatenate(k) * ii[rec]
+            ep = epoch[rec - a]
+            seen = ((td[None, :] <= t[r, None] + 1e-9) & (rec[None, :] <= r[:, None])
+                    & (ep[None, :] == epoch[:, None]))
+            last = np.where(seen, td[None, :], -np.inf).max(axis=1)
+            out[r] = np.where(np.isfinite(last), t[r] - last, np.nan)
+        return out
+
 
 # --------------------------------------------------------------------------- helpers
 

@@ -1147,7 +1147,8 @@ class FitResult:
         return f + np.sqrt(a ** 2 + (bb * f) ** 2) * e
 
     def predictions(self, n_sim: int = 300, n_ipred: int = 200) -> pd.DataFrame:
-        """One row per fitted observation: ID, TIME, DVID, DV, CENS, PRED (typical subject at
+        """One row per fitted observation: ID, TIME, TAD (time after the latest dose, see
+        :meth:`pkpd.dataset.Dataset.time_after_dose`), DVID, DV, CENS, PRED (typical subject at
         the posterior medians), IPRED (posterior median of the individual prediction),
         IWRES, CWRES-like (Monte Carlo population residual decorrelated within subject, i.e.
         NONMEM's EWRES) and NPDE (``n_sim`` replicates; NaN for censored records)."""
@@ -1167,12 +1168,14 @@ class FitResult:
         ipred = {k: np.median(np.array(v), axis=0) for k, v in ip.items()}
         sims = self._simulate(n_sim)
         df = self.dataset.data
+        tad = self.dataset.time_after_dose()
         tables = []
         for ep in b.endpoints:
             o = b.obs[ep.label]
             pos = o["pos"]
             rows = o["rows"]
             t = pd.DataFrame({"ID": df["ID"].to_numpy()[rows], "TIME": df["TIME"].to_numpy()[rows],
+                              "TAD": tad[rows],
                               "DVID": ep.dvid if ep.dvid is not None else 1,
                               "ENDPOINT": ep.output, "DV": o["dv"],
                               "CENS": o["cens"].astype(int),
@@ -1628,12 +1631,35 @@ def _plot_pcvpc(res: FitResult, n_sim: int = 300, bins: int = 8, path=None):
     return fig
 
 
+def _vpc_time(res: FitResult, ep: Endpoint, rows: np.ndarray) -> tuple[np.ndarray, str]:
+    """The VPC's x axis for an endpoint: time after dose for a PK output (one that depends
+    only on the dose-driven linear compartments) when the subjects take repeated doses, so
+    the sparse samples of every dosing interval share bins; otherwise time."""
+    m = res.model
+    lin = m.linear_part
+    pk = (set(m.state_symbols) if m.linear is not None
+          else {m.state_symbols[i] for i in lin[0]} if lin else set())
+    syms = m.outputs[ep.output].expr.free_symbols & set(m.state_symbols)
+    if syms and syms <= pk:
+        df = res.dataset.data
+        doses = df[df["EVID"].isin((1, 4))]
+        n_dose = (doses.groupby("ID")["ADDL"].sum() + doses.groupby("ID").size())
+        tad = res.dataset.time_after_dose()[rows]
+        if n_dose.median() >= 2 and np.all(np.isfinite(tad)):
+            return tad, f"time after dose ({m.time_unit})"
+    return res.dataset.data["TIME"].to_numpy()[rows], f"time ({m.time_unit})"
+
+
 def _pcvpc_panel(ax, res: FitResult, ep: Endpoint, o: dict, y_sim: np.ndarray,
                  pred: np.ndarray, n_sim: int, bins: int) -> None:
-    t = res.dataset.data["TIME"].to_numpy()[o["rows"]]
+    t, xlabel = _vpc_time(res, ep, o["rows"])
     keep = ~o["cens"]
-    edges = np.unique(np.quantile(t, np.linspace(0, 1, bins + 1)))
-    k = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(edges) - 2)
+    nominal = np.unique(np.round(t, 6))
+    if len(nominal) <= bins:  # a few nominal sampling times: one bin each
+        edges = np.r_[nominal, np.inf]
+    else:
+        edges = np.unique(np.quantile(t, np.linspace(0, 1, bins + 1)))
+    k = np.clip(np.searchsorted(edges, np.round(t, 6), side="right") - 1, 0, len(edges) - 2)
     pcorr = np.ones(len(t))
     for j in range(len(edges) - 1):
         m = k == j
@@ -1662,7 +1688,7 @@ def _pcvpc_panel(ax, res: FitResult, ep: Endpoint, o: dict, y_sim: np.ndarray,
             ax.plot(mid, obs_q[:, p], color=colors[p],
                     ls="-" if p == 1 else "--", label="observed 5/50/95th" if p == 1 else None)
     ax.set_yscale("log")
-    ax.set_xlabel(f"time ({res.model.time_unit})")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"prediction-corrected {ep.output}{_unit(res, ep.output)}")
     ax.set_title(f"pcVPC of {ep.label} ({n_sim} simulated replicates, {len(mid)} bins)")
     ax.legend(fontsize=8)

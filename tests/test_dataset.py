@@ -625,3 +625,30 @@ def test_atomic_write_unwritable_directory(tmp_path: Path) -> None:
         )
     finally:
         locked.chmod(0o700)
+
+
+def test_time_after_dose_follows_nonmem_record_order_addl_and_resets():
+    """TAD by hand: ADDL copies count, a dose record counts for the records after it (an
+    observation before it in the file at the same time sees the previous dose), resets
+    forget earlier doses, NaN before any dose."""
+    rec = [  # (ID, TIME, EVID, AMT, II, ADDL) → expected TAD
+        ((1, 0.0, 0, 0, 0, 0), np.nan),   # before the first dose
+        ((1, 0.0, 1, 10, 24, 2), 0.0),    # the dose itself; copies at 24 and 48
+        ((1, 0.0, 0, 0, 0, 0), 0.0),
+        ((1, 12.0, 0, 0, 0, 0), 12.0),
+        ((1, 24.0, 0, 0, 0, 0), 0.0),     # ADDL copy at 24 comes first
+        ((1, 50.0, 0, 0, 0, 0), 2.0),
+        ((1, 53.0, 0, 0, 0, 0), 5.0),
+        ((1, 53.0, 1, 10, 0, 0), 0.0),    # dose after the observation at the same time
+        ((1, 55.0, 0, 0, 0, 0), 2.0),
+        ((1, 60.0, 3, 0, 0, 0), np.nan),  # reset
+        ((1, 70.0, 0, 0, 0, 0), np.nan),
+        ((1, 80.0, 4, 5, 0, 0), 0.0),     # reset and dose
+        ((1, 85.5, 0, 0, 0, 0), 5.5),
+        ((2, 0.0, 0, 0, 0, 0), np.nan),   # a new subject starts without doses
+        ((2, 1.0, 1, 10, 0, 0), 0.0),
+        ((2, 4.0, 0, 0, 0, 0), 3.0),
+    ]
+    df = pd.DataFrame([dict(zip(("ID", "TIME", "EVID", "AMT", "II", "ADDL"), r, strict=True))
+                       for r, _ in rec])
+    np.testing.assert_array_equal(from_frame(df).time_after_dose(), [x for _, x in rec])

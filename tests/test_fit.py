@@ -123,7 +123,8 @@ def test_fit_writes_the_results_folder(cli_fit):
     assert diag["max_r_hat"] < 1.05  # 2 × 300 draws: R-hat's own Monte Carlo noise ~0.01
     assert diag["wall_time_s"] > 0 and np.isfinite(diag["elpd_loo"])
     pred = pd.read_csv(cli_fit / "predictions.csv")
-    assert {"ID", "TIME", "DV", "PRED", "IPRED", "CWRES", "NPDE", "IWRES"} <= set(pred)
+    assert {"ID", "TIME", "TAD", "DV", "PRED", "IPRED", "CWRES", "NPDE", "IWRES"} <= set(pred)
+    np.testing.assert_array_equal(pred["TAD"], pred["TIME"])  # one dose at time 0
     ok = pred["CENS"] == 0
     # a correctly specified model: NPDE ~ N(0, 1); with ~190 records the mean has SD ~0.07,
     # the SD ~0.05 (plus Monte Carlo error of 300 replicates), so ±0.3 is ~4 SE
@@ -398,3 +399,30 @@ def test_jax_backend_has_the_same_log_density_and_samples_it():
     assert abs(np.median(cl) - TRUTH["CL"]) < 3 * cl.std()
     with pytest.raises(FitSpecError, match="backend: 'jax' cannot fit BLQ records"):
         fit(m, _data(12), backend="jax", chains=1, draws=10, tune=10, progress=False)
+
+
+def test_vpc_bins_pk_by_time_after_dose_under_repeated_dosing():
+    """The pcVPC's x axis: time after dose for a PK output when subjects take repeated
+    doses (ADDL), time otherwise (single dose, or an output beyond the PK)."""
+    from types import SimpleNamespace
+
+    from pkpd.dataset import from_frame
+    from pkpd.fitting import Endpoint, _vpc_time
+
+    rows = []
+    for i in (1, 2):
+        rows.append(dict(ID=i, TIME=0.0, EVID=1, AMT=40.0, CMT=1, II=168.0, ADDL=3))
+        rows += [dict(ID=i, TIME=t, EVID=0, AMT=0.0, CMT=2, II=0.0, ADDL=0)
+                 for t in (2.0, 170.0, 528.0)]
+    ds = from_frame(pd.DataFrame(rows))
+    obs = np.flatnonzero(ds.data["EVID"].to_numpy() == 0)
+    res = SimpleNamespace(model=load_model("smm_mspike"), dataset=ds)
+    t, label = _vpc_time(res, Endpoint("CP"), obs)
+    np.testing.assert_allclose(t, [2.0, 2.0, 24.0] * 2)
+    assert label == "time after dose (h)"
+    t, label = _vpc_time(res, Endpoint("MSPIKE"), obs)
+    np.testing.assert_allclose(t, [2.0, 170.0, 528.0] * 2)
+    assert label == "time (h)"
+    single = from_frame(pd.DataFrame(rows).assign(ADDL=0))
+    assert _vpc_time(SimpleNamespace(model=load_model("pk_1cmt_oral"), dataset=single),
+                     Endpoint("CP"), obs)[1] == "time (h)"
