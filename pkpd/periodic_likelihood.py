@@ -125,12 +125,18 @@ class _Slow:
     s: sp.Expr                 # source (earlier slow states, parameters)
 
 
+def _fast(model: Model, sp_split) -> set:
+    """Symbols of the PK-driven terms: the drivers and the driven states."""
+    xs = model.state_symbols
+    return set(sp_split.driver_symbols) | {xs[i] for i in sp_split.driven}
+
+
 def _chain(model: Model, sp_split) -> list[_Slow]:
     """The slow states as a chain dX/dt = c·X + s in solving order (see the module
     docstring); :class:`Unsupported` otherwise."""
     xs = model.state_symbols
     slow_syms = {xs[i] for i in sp_split.slow}
-    fast = set(sp_split.driver_symbols) | {xs[i] for i in sp_split.driven}
+    fast = _fast(model, sp_split)
     parts = {}
     for i, r in zip(sp_split.slow, sp_split.slow_rates, strict=True):
         x = xs[i]
@@ -380,8 +386,7 @@ class PeriodicPredictor(SubjectParameters):
         subject's data) ≤ ``reach`` at the typical values: these are solved by one prefix
         sum weighted by e^{−c·t} instead of the affine scan (the weights stay below e^{300},
         far from overflow, even at ten times the typical |c|)."""
-        fast = set(self.split.driver_symbols) | {self.model.state_symbols[i]
-                                                  for i in self.split.driven}
+        fast = _fast(self.model, self.split)
         typ = self.individual_typical()
         span = self._N * self._P
         out = set()
